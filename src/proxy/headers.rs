@@ -1,0 +1,82 @@
+//! Header rules for a proxy hop: hop-by-hop removal (RFC 9110 §7.6.1) and
+//! the `X-Forwarded-*` family.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers: the fixed list and every name listed in
+/// `Connection`. These describe one connection and must never be forwarded
+/// nor stored for replay.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(CONNECTION) {
+        // Only allocate when the (rare) Connection header lists names.
+        let listed: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .chain(std::iter::once(connection))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in [&CONNECTION, &TE, &TRAILER, &TRANSFER_ENCODING, &UPGRADE, &PROXY_AUTHENTICATE, &PROXY_AUTHORIZATION] {
+        headers.remove(name);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+}
+
+/// Sets `X-Forwarded-For` (appended to any value from a proxy in front),
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the Host the client asked for).
+pub fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => HeaderValue::try_from(format!("{prev}, {peer}")),
+        _ => HeaderValue::try_from(peer.to_string()),
+    };
+    if let Ok(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Some(host) = headers.get(HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_fixed_and_listed_names() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn appends_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static("10.0.0.1"));
+        h.insert(HOST, HeaderValue::from_static("api.example"));
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "https");
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.example");
+    }
+}
