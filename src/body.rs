@@ -38,7 +38,9 @@ pin_project_lite::pin_project! {
 impl ResponseBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
-        ResponseBody::Full { data: (!data.is_empty()).then_some(data) }
+        ResponseBody::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
     }
 
     pub fn empty() -> Self {
@@ -46,7 +48,10 @@ impl ResponseBody {
     }
 
     pub fn upstream(body: Incoming, deadline: tokio::time::Instant) -> Self {
-        ResponseBody::Upstream { body, deadline: tokio::time::sleep_until(deadline) }
+        ResponseBody::Upstream {
+            body,
+            deadline: tokio::time::sleep_until(deadline),
+        }
     }
 }
 
@@ -84,4 +89,3 @@ impl Body for ResponseBody {
         }
     }
 }
-

@@ -1,1 +1,82 @@
-fn main() {}
+//! The `idemproxy` binary: parse the command line, load the config, set up
+//! logging, bind, and hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use idemproxy::app::{App, Listeners, StartError};
+use idemproxy::cli::{Cli, Command};
+use idemproxy::config::{Config, LogFormat, Overrides};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(arg) => {
+            let (path, explicit) = arg.path();
+            match Config::load(&path, explicit, &Overrides::default()).and_then(|c| {
+                idemproxy::proxy::Upstream::check(&c)?;
+                Ok(c)
+            }) {
+                Ok(config) => {
+                    print!("{}", config.describe());
+                    println!("config OK");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("idemproxy: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Run(args) => {
+            let (path, explicit) = args.config.path();
+            let config = match Config::load(&path, explicit, &args.overrides()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("idemproxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.server.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(async {
+                match start(config).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("idemproxy: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            })
+        }
+    }
+}
+
+async fn start(config: Config) -> Result<(), StartError> {
+    let app = App::build(config).await?;
+    let listeners = Listeners::bind(&app.config).await?;
+    let (main, admin) = (listeners.main.local_addr(), listeners.admin.local_addr());
+    if let (Ok(main), Ok(admin)) = (main, admin) {
+        // One machine-readable line on stdout: scripts and tests read the
+        // bound ports from it when they asked for port 0.
+        println!("idemproxy listening on {main} admin {admin}");
+        tracing::info!(%main, %admin, upstream = %app.config.upstream.url, "idemproxy started");
+    }
+    app.run(listeners, idemproxy::shutdown::signal()).await;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("IDEMPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}

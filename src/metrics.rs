@@ -90,7 +90,9 @@ impl Metrics {
         let mut registry = Registry::default();
         let requests = Family::<OutcomeLabels, Counter>::default();
         registry.register("idemproxy_requests", "Requests by how they ended", requests.clone());
-        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
         let duration = Histogram::new(buckets.into_iter());
         registry.register(
             "idemproxy_request_duration_seconds",
@@ -98,11 +100,24 @@ impl Metrics {
             duration.clone(),
         );
         let inflight = Gauge::<i64, AtomicI64>::default();
-        registry.register("idemproxy_inflight", "Keyed requests executing upstream right now", inflight.clone());
+        registry.register(
+            "idemproxy_inflight",
+            "Keyed requests executing upstream right now",
+            inflight.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
-        registry.register("idemproxy_config_reloads", "Config reloads on SIGHUP by result", reloads.clone());
+        registry.register(
+            "idemproxy_config_reloads",
+            "Config reloads on SIGHUP by result",
+            reloads.clone(),
+        );
         let store_ops = Family::<OpLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0].into_iter())
+            Histogram::new(
+                [
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+                ]
+                .into_iter(),
+            )
         });
         registry.register(
             "idemproxy_store_operation_duration_seconds",
@@ -110,11 +125,28 @@ impl Metrics {
             store_ops.clone(),
         );
         let store_errors = Family::<OpLabels, Counter>::default();
-        registry.register("idemproxy_store_errors", "Store operation failures by operation", store_errors.clone());
+        registry.register(
+            "idemproxy_store_errors",
+            "Store operation failures by operation",
+            store_errors.clone(),
+        );
         let swept = Counter::default();
-        registry.register("idemproxy_store_expired_records", "Records deleted by the expiry sweeper", swept.clone());
+        registry.register(
+            "idemproxy_store_expired_records",
+            "Records deleted by the expiry sweeper",
+            swept.clone(),
+        );
         Metrics {
-            inner: Arc::new(Inner { registry, requests, duration, inflight, reloads, store_ops, store_errors, swept }),
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                duration,
+                inflight,
+                reloads,
+                store_ops,
+                store_errors,
+                swept,
+            }),
         }
     }
 
@@ -133,7 +165,10 @@ impl Metrics {
     }
 
     pub fn store_op(&self, op: &'static str, elapsed: Duration, ok: bool) {
-        self.inner.store_ops.get_or_create(&OpLabels { op }).observe(elapsed.as_secs_f64());
+        self.inner
+            .store_ops
+            .get_or_create(&OpLabels { op })
+            .observe(elapsed.as_secs_f64());
         if !ok {
             self.inner.store_errors.get_or_create(&OpLabels { op }).inc();
         }

@@ -98,7 +98,11 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
-        Problem { code, detail: detail.into(), retry_after: None }
+        Problem {
+            code,
+            detail: detail.into(),
+            retry_after: None,
+        }
     }
 
     pub fn retry_after(mut self, after: Duration) -> Self {
@@ -137,14 +141,19 @@ mod tests {
 
     #[test]
     fn problem_json_and_retry_after() {
-        let res = Problem::new(Code::IdempotencyKeyInUse, "busy").retry_after(Duration::from_millis(1500)).into_response();
+        let res = Problem::new(Code::IdempotencyKeyInUse, "busy")
+            .retry_after(Duration::from_millis(1500))
+            .into_response();
         assert_eq!(res.status(), 409);
         assert_eq!(res.headers()[RETRY_AFTER], "2");
         assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
-        let v: serde_json::Value = serde_json::from_slice(&Problem::new(Code::StoreUnavailable, "x").to_json()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&Problem::new(Code::StoreUnavailable, "x").to_json()).unwrap();
         assert_eq!(v["code"], "store_unavailable");
         assert_eq!(v["status"], 503);
-        let zero = Problem::new(Code::IdempotencyKeyInUse, "").retry_after(Duration::ZERO).into_response();
+        let zero = Problem::new(Code::IdempotencyKeyInUse, "")
+            .retry_after(Duration::ZERO)
+            .into_response();
         assert_eq!(zero.headers()[RETRY_AFTER], "1");
     }
 }

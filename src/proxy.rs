@@ -20,7 +20,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::body::ResponseBody;
 use crate::config::{ConfigError, UpstreamConfig};
+use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
 
 /// A request body on its way upstream: the client's stream (pass-through)
@@ -63,9 +65,10 @@ impl UpstreamError {
                 Code::UpstreamTimeout,
                 format!("the upstream did not answer within {}", humantime::format_duration(*t)),
             ),
-            UpstreamError::Broken(_) => {
-                Problem::new(Code::UpstreamUnavailable, "the connection to the upstream failed before a complete response")
-            }
+            UpstreamError::Broken(_) => Problem::new(
+                Code::UpstreamUnavailable,
+                "the connection to the upstream failed before a complete response",
+            ),
         }
     }
 }
@@ -100,8 +103,31 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .build(connector);
         let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let authority = config.url.authority().cloned().expect("validated upstream URL has a host");
-        Ok(Upstream { client, scheme, authority, timeout: config.timeout })
+        let authority = config
+            .url
+            .authority()
+            .cloned()
+            .expect("validated upstream URL has a host");
+        Ok(Upstream {
+            client,
+            scheme,
+            authority,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Validates what building the client would read (`ca_file`), without
+    /// starting anything: for `idemproxy check`.
+    pub fn check(config: &crate::config::Config) -> Result<(), ConfigError> {
+        let file = config
+            .source
+            .as_ref()
+            .map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
+        crate::tls::client_config(config.upstream.ca_file.as_deref(), &file)?;
+        if let Some(files) = &config.server.tls {
+            crate::tls::server_config(files, &file)?;
+        }
+        Ok(())
     }
 
     /// Rewrites a client's request head for the upstream: absolute URI of the
@@ -110,13 +136,25 @@ impl Upstream {
     /// `X-Forwarded-*` added.
     pub fn prepare(&self, parts: &mut http::request::Parts, conn: &ConnInfo) {
         if !parts.headers.contains_key(http::header::HOST) {
-            if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            if let Some(host) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 parts.headers.insert(http::header::HOST, host);
             }
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarded(&mut parts.headers, conn.peer.ip(), if conn.tls { "https" } else { "http" });
-        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        headers::add_forwarded(
+            &mut parts.headers,
+            conn.peer.ip(),
+            if conn.tls { "https" } else { "http" },
+        );
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.scheme.clone());
         uri.authority = Some(self.authority.clone());
@@ -141,6 +179,29 @@ impl Upstream {
             }
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect(e)),
             Ok(Err(e)) => Err(UpstreamError::Broken(e.into())),
+        }
+    }
+
+    /// Plain pass-through: both bodies stream, nothing is buffered.
+    pub async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> (Response<ResponseBody>, Outcome) {
+        let (mut parts, body) = req.into_parts();
+        self.prepare(&mut parts, conn);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match self
+            .send(Request::from_parts(parts, Either::Left(body)), deadline)
+            .await
+        {
+            Ok(res) => {
+                let (parts, body) = res.into_parts();
+                (
+                    Response::from_parts(parts, ResponseBody::upstream(body, deadline)),
+                    Outcome::passthrough,
+                )
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "pass-through request failed");
+                (e.problem().into_response(), Outcome::upstream_error)
+            }
         }
     }
 }

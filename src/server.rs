@@ -35,7 +35,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
     let acceptor = tls.map(TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
@@ -60,7 +63,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let conn = ConnInfo { peer, tls: acceptor.is_some() };
+        let conn = ConnInfo {
+            peer,
+            tls: acceptor.is_some(),
+        };
         let proxy = proxy.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();

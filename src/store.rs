@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
-pub use record::{Claim, ClaimRequest, Completed, Finish, Fingerprint, Record, Token};
+pub use record::{Claim, ClaimRequest, Completed, Fingerprint, Finish, Record, Token};
 
 /// The stored identity of one operation: tenant and key, joined by a NUL
 /// byte (neither can contain one).
@@ -69,7 +69,9 @@ pub enum StoreError {
 
 /// Milliseconds since the Unix epoch, the unit of every stored timestamp.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Health as last observed; `/readyz` reports it.
@@ -116,9 +118,12 @@ impl Store {
     pub async fn open(config: &StoreConfig, metrics: Metrics) -> Result<Store, StoreError> {
         let backend = match config {
             StoreConfig::Memory { .. } => Backend::Memory(memory::MemoryStore::default()),
-            StoreConfig::Sled { path, sync, cache_capacity, .. } => {
-                Backend::Sled(sled::SledStore::open(path, *sync, *cache_capacity).await?)
-            }
+            StoreConfig::Sled {
+                path,
+                sync,
+                cache_capacity,
+                ..
+            } => Backend::Sled(sled::SledStore::open(path, *sync, *cache_capacity).await?),
             StoreConfig::Redis(_) => return Err(StoreError::Io("the redis backend is not built yet".into())),
         };
         Ok(Store {
@@ -134,16 +139,28 @@ impl Store {
 
     /// A fresh token for a claim by this process.
     pub fn token(&self) -> Token {
-        Token { instance: self.shared.instance, seq: self.shared.seq.fetch_add(1, Ordering::Relaxed) }
+        Token {
+            instance: self.shared.instance,
+            seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     pub fn instance(&self) -> u64 {
         self.shared.instance
     }
 
-    fn observe<T>(&self, op: &'static str, start: std::time::Instant, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    fn observe<T>(
+        &self,
+        op: &'static str,
+        start: std::time::Instant,
+        r: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         self.shared.health.observe(&r);
-        self.shared.metrics.store_op(op, start.elapsed(), r.is_ok() || matches!(r, Err(StoreError::NotOwner(_))));
+        self.shared.metrics.store_op(
+            op,
+            start.elapsed(),
+            r.is_ok() || matches!(r, Err(StoreError::NotOwner(_))),
+        );
         r
     }
 
@@ -174,6 +191,12 @@ impl Store {
         Ok(())
     }
 
+    /// True when other processes share this store (their claims can be
+    /// waited for); false for embedded stores owned by this process alone.
+    pub fn is_shared(&self) -> bool {
+        false
+    }
+
     /// How often the owner must call [`Store::renew`]; `None` = never.
     pub fn renew_every(&self) -> Option<Duration> {
         None
@@ -194,7 +217,8 @@ impl Store {
             Backend::Sled(s) => s.get(key).await,
         };
         let now = now_ms();
-        self.observe("get", start, r).map(|o| o.and_then(|rec| rec.at(now, self.shared.instance)))
+        self.observe("get", start, r)
+            .map(|o| o.and_then(|rec| rec.at(now, self.shared.instance)))
     }
 
     /// Deletes a record; true if there was one.

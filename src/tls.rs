@@ -17,7 +17,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn load_certs(path: &Path, key: &str, file: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let bad = |reason: String| ConfigError { file: file.to_owned(), key: key.to_owned(), reason };
+    let bad = |reason: String| ConfigError {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad(format!("cannot read certificates from {}: {e}", path.display())))?
         .collect::<Result<Vec<_>, _>>()
@@ -31,7 +35,11 @@ fn load_certs(path: &Path, key: &str, file: &str) -> Result<Vec<CertificateDer<'
 /// The inbound TLS config: the given chain and key, ALPN h2 then http/1.1.
 pub fn server_config(files: &TlsFiles, file: &str) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let certs = load_certs(&files.cert, "server.tls.cert", file)?;
-    let bad = |reason: String| ConfigError { file: file.to_owned(), key: "server.tls.key".into(), reason };
+    let bad = |reason: String| ConfigError {
+        file: file.to_owned(),
+        key: "server.tls.key".into(),
+        reason,
+    };
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| bad(format!("cannot read a private key from {}: {e}", files.key.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -63,7 +71,11 @@ pub fn client_config(ca_file: Option<&Path>, file: &str) -> Result<rustls::Clien
     }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError { file: file.to_owned(), key: "upstream".into(), reason: e.to_string() })?
+        .map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: "upstream".into(),
+            reason: e.to_string(),
+        })?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(config)

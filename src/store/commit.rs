@@ -52,7 +52,9 @@ impl GroupCommit {
                     continue;
                 }
                 let f = flush.clone();
-                let result = tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(e.to_string()));
+                let result = tokio::task::spawn_blocking(f)
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "store flush failed");
                 }

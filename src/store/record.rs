@@ -165,7 +165,9 @@ pub enum Claim {
     /// The caller owns the key now and must finish it.
     Acquired,
     /// Another owner is executing it.
-    InFlight { started_at: u64 },
+    InFlight {
+        started_at: u64,
+    },
     Completed(Arc<Completed>),
     Lost(Lost),
     Expired(Tombstone),
@@ -209,7 +211,12 @@ pub fn claim(existing: Option<&Record>, req: &ClaimRequest, live_instance: u64) 
         }
     }
     match current {
-        Record::InFlight(f) => (Claim::InFlight { started_at: f.started_at }, None),
+        Record::InFlight(f) => (
+            Claim::InFlight {
+                started_at: f.started_at,
+            },
+            None,
+        ),
         Record::Completed(c) => (Claim::Completed(c), None),
         Record::Expired(t) => (Claim::Expired(t), None),
         Record::Lost(l) if req.lost_retry && req.now >= l.retry_at => take(),

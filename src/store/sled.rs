@@ -47,7 +47,11 @@ impl SledStore {
             SyncMode::Interval => Some(FLUSH_INTERVAL.as_millis() as u64),
         };
         let db = tokio::task::spawn_blocking(move || {
-            sled::Config::new().path(&path).cache_capacity(cache_capacity).flush_every_ms(flush_every).open()
+            sled::Config::new()
+                .path(&path)
+                .cache_capacity(cache_capacity)
+                .flush_every_ms(flush_every)
+                .open()
         })
         .await
         .map_err(|e| StoreError::Io(e.to_string()))?
@@ -58,7 +62,12 @@ impl SledStore {
             let db = db.clone();
             GroupCommit::start(move || db.flush().map(drop).map_err(|e| e.to_string()))
         });
-        Ok(SledStore { db, records, expiry, commit })
+        Ok(SledStore {
+            db,
+            records,
+            expiry,
+            commit,
+        })
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
@@ -71,7 +80,11 @@ impl SledStore {
     /// Writes `update` over `current` atomically; false if `current` changed.
     fn swap(&self, key: &RecordKey, current: Option<sled::IVec>, update: &Option<Record>) -> Result<bool, StoreError> {
         let new = update.as_ref().map(Record::encode);
-        match self.records.compare_and_swap(key.as_bytes(), current, new).map_err(io)? {
+        match self
+            .records
+            .compare_and_swap(key.as_bytes(), current, new)
+            .map_err(io)?
+        {
             Err(_) => Ok(false),
             Ok(()) => {
                 if let Some(r) = update {
@@ -123,7 +136,12 @@ impl SledStore {
     }
 
     pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.records.get(key.as_bytes()).map_err(io)?.as_deref().map(decode).transpose()
+        self.records
+            .get(key.as_bytes())
+            .map_err(io)?
+            .as_deref()
+            .map(decode)
+            .transpose()
     }
 
     pub async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {

@@ -1,0 +1,140 @@
+//! Wiring: everything a running proxy is made of, built in the order that
+//! lets every configuration problem surface before a port is bound.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin};
+use crate::config::{Config, ConfigError, StoreConfig};
+use crate::idempotency::Engine;
+use crate::metrics::Metrics;
+use crate::proxy::Upstream;
+use crate::service::Proxy;
+use crate::store::{Store, StoreError};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A proxy ready to serve: config checked, TLS loaded, store open.
+pub struct App {
+    pub config: Config,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    metrics: Metrics,
+    store: Store,
+    proxy: Proxy,
+    engine: Engine,
+}
+
+/// The bound sockets; tests bind port 0 and read the addresses back.
+pub struct Listeners {
+    pub main: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        Ok(Listeners {
+            main: bind("server.listen", config.server.listen).await?,
+            admin: bind("server.admin_listen", config.server.admin_listen).await?,
+        })
+    }
+}
+
+impl App {
+    /// Builds everything that can fail on bad configuration.
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let file = config
+            .source
+            .as_ref()
+            .map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
+        let tls = match &config.server.tls {
+            Some(files) => Some(crate::tls::server_config(files, &file)?),
+            None => None,
+        };
+        let upstream = Upstream::new(&config.upstream, &file)?;
+        let metrics = Metrics::new();
+        let store = Store::open(&config.store, metrics.clone()).await?;
+        let engine = Engine::new(store.clone(), upstream.clone(), metrics.clone());
+        let proxy = Proxy::new(config.rules.clone(), engine.clone(), upstream, metrics.clone());
+        Ok(App {
+            config,
+            tls,
+            metrics,
+            store,
+            proxy,
+            engine,
+        })
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// Serves until `shutdown` resolves, then drains within
+    /// `server.shutdown_grace` and flushes the store.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let stop = CancellationToken::new();
+        let sweep_every = match &self.config.store {
+            StoreConfig::Memory { sweep_interval } | StoreConfig::Sled { sweep_interval, .. } => Some(*sweep_interval),
+            StoreConfig::Redis(_) => None,
+        };
+        if let Some(every) = sweep_every {
+            self.store.spawn_sweeper(every, stop.clone());
+        }
+        let admin = tokio::spawn(admin::serve(
+            listeners.admin,
+            Admin {
+                store: self.store.clone(),
+                metrics: self.metrics.clone(),
+            },
+            stop.clone().cancelled_owned(),
+        ));
+        let server = &self.config.server;
+        let started = tokio::time::Instant::now();
+        crate::server::serve(
+            listeners.main,
+            self.tls.clone(),
+            self.proxy.clone(),
+            server.header_read_timeout,
+            server.max_connections,
+            server.shutdown_grace,
+            shutdown,
+        )
+        .await;
+        // Detached leader tasks may outlive their client connections.
+        let left = server
+            .shutdown_grace
+            .saturating_sub(started.elapsed().min(server.shutdown_grace));
+        if !self.engine.drain(left.max(std::time::Duration::from_millis(100))).await {
+            tracing::warn!("shutdown grace elapsed with upstream calls still running");
+        }
+        stop.cancel();
+        let _ = admin.await;
+        match self.store.flush().await {
+            Ok(()) => tracing::info!("store flushed; bye"),
+            Err(e) => tracing::error!(error = %e, "final store flush failed"),
+        }
+    }
+}

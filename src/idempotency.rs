@@ -1,0 +1,241 @@
+//! The idempotency engine: SPEC §3 for one matching request.
+//!
+//! ```text
+//! request ──► key? ──no──► required? 400 : pass through
+//!              │yes (or derived)
+//!              ▼
+//!         tenant, body ≤ max_body, fingerprint
+//!              │
+//!              ▼
+//!     join the in-process flight for tenant + key
+//!        │leader                         │follower
+//!        ▼                               ▼
+//!   detached task: store.claim      wait ≤ wait_timeout for the
+//!   ├ acquired → upstream, finish   leader's outcome (422 if the
+//!   ├ completed → replay            fingerprint differs, 409 when
+//!   ├ lost / expired → 409 / 410    max_waiters are waiting)
+//!   └ in flight elsewhere → wait for the other process
+//! ```
+//!
+//! The leader's work runs in a task of its own, detached from the client's
+//! connection: a client that disconnects does not cancel the upstream call,
+//! and the result is still stored, so its retry is a replay. The response is
+//! made durable before anyone, the leader's own client included, sees it.
+
+pub mod flight;
+pub mod key;
+mod leader;
+pub mod replay;
+pub mod tenant;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{Request, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+
+use self::flight::{Flight, Flights, Joined, Shared};
+use crate::body::ResponseBody;
+use crate::config::Policy;
+use crate::metrics::{Metrics, Outcome};
+use crate::problem::{Code, Problem};
+use crate::proxy::{ConnInfo, Upstream};
+use crate::store::{now_ms, Fingerprint, RecordKey, Store};
+
+/// The engine handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    flights: Flights,
+    upstream: Upstream,
+    metrics: Metrics,
+    /// Detached leader tasks, so shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+type Answer = (Response<ResponseBody>, Outcome);
+
+fn problem(p: Problem, outcome: Outcome) -> Answer {
+    (p.into_response(), outcome)
+}
+
+impl Engine {
+    pub fn new(store: Store, upstream: Upstream, metrics: Metrics) -> Self {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                flights: Flights::default(),
+                upstream,
+                metrics,
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Handles a request that matched an enabled route.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo, policy: Arc<Policy>) -> Answer {
+        let (mut parts, body) = req.into_parts();
+        let key = match key::from_headers(&parts.headers, &policy.header) {
+            Ok(k) => k.map(|k| k.into_owned()),
+            Err(e) => {
+                return problem(
+                    Problem::new(Code::IdempotencyKeyInvalid, e.to_string()),
+                    Outcome::invalid_key,
+                )
+            }
+        };
+        if key.is_none() && !policy.derive_key {
+            if policy.required {
+                let detail = format!("this endpoint requires an {} header", policy.header);
+                return problem(Problem::new(Code::IdempotencyKeyMissing, detail), Outcome::missing_key);
+            }
+            return self
+                .inner
+                .upstream
+                .forward(Request::from_parts(parts, body), &conn)
+                .await;
+        }
+        let tenant = match tenant::of(&policy.tenant, &parts.headers) {
+            Ok(t) => t.into_owned(),
+            Err(p) => {
+                let outcome = if p.code == Code::InvalidToken {
+                    Outcome::invalid_token
+                } else {
+                    Outcome::invalid_key
+                };
+                return problem(p, outcome);
+            }
+        };
+        let body = match read_body(&parts.headers, body, policy.max_body).await {
+            Ok(b) => b,
+            Err(p) => return problem(p, Outcome::too_large),
+        };
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let fp = key::fingerprint(&parts.method, pq, &body);
+        let key = key.unwrap_or_else(|| hex::encode(fp));
+        let record_key = RecordKey::new(&tenant, &key);
+        let fingerprint = policy.fingerprint.then_some(fp);
+        let log_key = key::log_hash(&tenant, &key);
+        tracing::debug!(key = %log_key, method = %parts.method, path = parts.uri.path(), "keyed request");
+
+        match self.inner.flights.join(&record_key, fingerprint) {
+            Joined::Follower(flight) => self.follow(flight, fingerprint, &policy).await,
+            Joined::Leader(leader) => {
+                self.inner.upstream.prepare(&mut parts, &conn);
+                let (reply, answer) = oneshot::channel();
+                let task = leader::LeaderTask {
+                    engine: self.clone(),
+                    leader,
+                    parts,
+                    body,
+                    policy,
+                    fingerprint,
+                    reply,
+                    log_key,
+                };
+                self.inner.tasks.spawn(task.run());
+                answer.await.unwrap_or_else(|_| {
+                    problem(
+                        Problem::new(Code::UpstreamUnavailable, "the request failed inside the proxy"),
+                        Outcome::upstream_error,
+                    )
+                })
+            }
+        }
+    }
+
+    /// A held duplicate: wait for the leader's outcome.
+    async fn follow(&self, flight: Arc<Flight>, fingerprint: Option<Fingerprint>, policy: &Policy) -> Answer {
+        if policy.fingerprint && flight.fingerprint != fingerprint {
+            return problem(reused(), Outcome::mismatch);
+        }
+        if policy.wait_timeout.is_zero() {
+            return problem(in_use(Duration::from_secs(1)), Outcome::conflict);
+        }
+        let Some(_slot) = flight.add_waiter(policy.max_waiters) else {
+            let p = Problem::new(
+                Code::IdempotencyKeyInUse,
+                "too many duplicates are already waiting for this key",
+            )
+            .retry_after(Duration::from_secs(1));
+            return problem(p, Outcome::conflict);
+        };
+        let mut rx = flight.subscribe();
+        let shared = match tokio::time::timeout(policy.wait_timeout, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(v)) => v.clone(),
+            Ok(Err(_)) => None,
+            Err(_) => return problem(in_use(Duration::from_secs(1)), Outcome::conflict),
+        };
+        match shared {
+            Some(Shared::Response(r)) => (r.response(now_ms()), Outcome::coalesced),
+            Some(Shared::Problem(p, o)) => problem(p, o),
+            None => problem(
+                Problem::new(Code::UpstreamUnavailable, "the original request was abandoned"),
+                Outcome::upstream_error,
+            ),
+        }
+    }
+
+    /// Waits up to `grace` for detached leader tasks (at shutdown).
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.inner.tasks.close();
+        tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_ok()
+    }
+}
+
+fn reused() -> Problem {
+    Problem::new(
+        Code::IdempotencyKeyReused,
+        "this idempotency key was used with a different request (method, path or body); use a new key",
+    )
+}
+
+fn in_use(retry_after: Duration) -> Problem {
+    Problem::new(
+        Code::IdempotencyKeyInUse,
+        "a request with this idempotency key is still in progress; retry later",
+    )
+    .retry_after(retry_after)
+}
+
+/// Buffers a keyed request body, refusing more than `max` bytes (by
+/// `Content-Length` before reading anything, or while reading).
+async fn read_body(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, Problem> {
+    let too_large = || {
+        Problem::new(
+            Code::RequestBodyTooLarge,
+            format!("keyed request bodies are limited to {max} bytes"),
+        )
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(Problem::new(
+            Code::BadRequest,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}

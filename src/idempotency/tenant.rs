@@ -1,0 +1,59 @@
+//! Which tenant a request belongs to. Records are keyed by tenant + key, so
+//! no request can ever be answered with another tenant's response.
+
+use std::borrow::Cow;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::config::TenantSource;
+use crate::problem::{Code, Problem};
+
+pub const ANONYMOUS: &str = "anonymous";
+pub const DEFAULT: &str = "default";
+
+/// The tenant id of a request, as the records API names it.
+pub fn of<'h>(source: &TenantSource, headers: &'h HeaderMap) -> Result<Cow<'h, str>, Problem> {
+    match source {
+        TenantSource::Authorization => Ok(match headers.get(AUTHORIZATION) {
+            // Lowercase hex SHA-256 of the value exactly as received.
+            Some(v) => Cow::Owned(hex::encode(Sha256::digest(v.as_bytes()))),
+            None => Cow::Borrowed(ANONYMOUS),
+        }),
+        TenantSource::Header(name) => match headers.get(name) {
+            None => Ok(Cow::Borrowed(ANONYMOUS)),
+            Some(v) => match v.to_str() {
+                Ok(s) if !s.is_empty() && !s.contains('\0') => Ok(Cow::Borrowed(s)),
+                _ => Err(Problem::new(
+                    Code::BadRequest,
+                    format!("the {name} header must be printable ASCII"),
+                )),
+            },
+        },
+        TenantSource::None => Ok(Cow::Borrowed(DEFAULT)),
+        TenantSource::Jwt(_) => Err(Problem::new(
+            Code::InvalidToken,
+            "JWT tenants are not supported by this build",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_hash_and_anonymous() {
+        let mut h = HeaderMap::new();
+        assert_eq!(of(&TenantSource::Authorization, &h).unwrap(), "anonymous");
+        h.insert(AUTHORIZATION, "Bearer alice".parse().unwrap());
+        let t = of(&TenantSource::Authorization, &h).unwrap();
+        assert_eq!(t, hex::encode(Sha256::digest(b"Bearer alice")));
+        assert_eq!(of(&TenantSource::None, &h).unwrap(), "default");
+        let name = http::HeaderName::from_static("x-tenant-id");
+        assert_eq!(of(&TenantSource::Header(name.clone()), &h).unwrap(), "anonymous");
+        h.insert(&name, "acme".parse().unwrap());
+        assert_eq!(of(&TenantSource::Header(name), &h).unwrap(), "acme");
+    }
+}
