@@ -1,0 +1,487 @@
+//! Shared harness for the integration tests: a real upstream that counts
+//! executions, the real `idemproxy` binary started on port 0, and a client.
+//!
+//! The upstream's behaviour is chosen per request by query parameters, so
+//! one upstream serves every scenario:
+//! - `delay=MS`: wait before answering;
+//! - `status=N`: answer with this status;
+//! - `size=N`: answer with N bytes, streamed in 64 KiB chunks;
+//! - `hang=1`: never answer; `close=1`: drop the connection after reading;
+//! - `cookie=1`: add a `Set-Cookie` header.
+//!
+//! The JSON body of a normal answer names the execution number, the method,
+//! the path and query, the body it received and the headers it saw, so a
+//! test can compare bytes and headers exactly.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+// ---------------------------------------------------------------- upstream
+
+/// A counting upstream on `127.0.0.1:0`, served until dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct UpstreamState {
+    executions: AtomicUsize,
+    /// Executions by path (without query).
+    by_path: Mutex<HashMap<String, usize>>,
+    /// Requests that have arrived (incremented before any delay).
+    arrived: watch::Sender<usize>,
+    /// Bytes of request bodies consumed by `/sink`.
+    sunk: AtomicUsize,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState::default());
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    _ = &mut stopped => return,
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            state,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests the upstream executed (answered or hanging), all paths.
+    pub fn executions(&self) -> usize {
+        self.state.executions.load(Ordering::SeqCst)
+    }
+
+    pub fn executions_of(&self, path: &str) -> usize {
+        *self.state.by_path.lock().unwrap().get(path).unwrap_or(&0)
+    }
+
+    pub fn sunk_bytes(&self) -> usize {
+        self.state.sunk.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` requests have arrived (bounded: 10 s).
+    pub async fn wait_arrived(&self, n: usize) {
+        let mut rx = self.state.arrived.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| *v >= n))
+            .await
+            .expect("upstream did not see the expected requests within 10s")
+            .unwrap();
+    }
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
+    let q = query(&req);
+    let method = req.method().to_string();
+    let path_q = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let path = req.uri().path().to_owned();
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            )
+        })
+        .collect();
+    let version = format!("{:?}", req.version());
+    let n = st.executions.fetch_add(1, Ordering::SeqCst) + 1;
+    *st.by_path.lock().unwrap().entry(path.clone()).or_default() += 1;
+    st.arrived.send_modify(|v| *v += 1);
+
+    if path == "/sink" {
+        // Consume a (large) body without keeping it.
+        let mut body = req.into_body();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.map(|f| f.into_data()) {
+                total += d.map(|d| d.len()).unwrap_or(0);
+            }
+        }
+        st.sunk.fetch_add(total, Ordering::SeqCst);
+        return Ok(Response::new(full(format!("{{\"received\":{total}}}"))));
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    if let Some(ms) = q.get("delay").and_then(|d| d.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if q.contains_key("hang") {
+        std::future::pending::<()>().await;
+    }
+    if q.contains_key("close") {
+        // Answer with a broken response: a Content-Length we never honour.
+        let stream = futures_stream(vec![
+            Ok(Bytes::from_static(b"partial")),
+            Err("upstream went away".into()),
+        ]);
+        let mut res = Response::new(stream);
+        res.headers_mut().insert("content-length", "100".parse().unwrap());
+        return Ok(res);
+    }
+    let status = q.get("status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(201);
+    let mut res = if let Some(size) = q.get("size").and_then(|s| s.parse::<usize>().ok()) {
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let mut chunks = Vec::new();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            chunks.push(Ok(chunk.slice(..n)));
+            left -= n;
+        }
+        Response::new(futures_stream(chunks))
+    } else {
+        let json = serde_json::json!({
+            "execution": n,
+            "method": method,
+            "path": path_q,
+            "version": version,
+            "body": String::from_utf8_lossy(&body),
+            "headers": headers,
+        });
+        let mut r = Response::new(full(json.to_string()));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        r
+    };
+    *res.status_mut() = StatusCode::from_u16(status).unwrap();
+    res.headers_mut().insert("x-execution", n.to_string().parse().unwrap());
+    if q.contains_key("cookie") {
+        res.headers_mut()
+            .insert("set-cookie", format!("session={n}").parse().unwrap());
+    }
+    Ok(res)
+}
+
+pub fn full(s: impl Into<Bytes>) -> BoxBody {
+    Full::new(s.into()).map_err(|e| match e {}).boxed()
+}
+
+fn futures_stream(items: Vec<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>>) -> BoxBody {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for item in items {
+            if tx.send(item.map(Frame::data)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream_from(rx);
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// A minimal `Stream` over an mpsc receiver (avoids a tokio-stream dependency).
+fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core::Stream<Item = T> {
+    struct S<T>(tokio::sync::mpsc::Receiver<T>);
+    impl<T> futures_core::Stream for S<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    S(rx)
+}
+
+// ------------------------------------------------------------------- proxy
+
+/// The real binary, started with a config file in a temp dir.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proxy {
+    /// Starts the proxy with `config` (TOML); `{dir}` in it is replaced by a
+    /// fresh temp dir (for the sled store). Listens on port 0.
+    pub fn start(config: &str) -> Proxy {
+        Self::start_in(Arc::new(tempfile::tempdir().unwrap()), config)
+    }
+
+    /// Like `start`, in an existing dir (a restart on the same data).
+    pub fn start_in(dir: Arc<tempfile::TempDir>, config: &str) -> Proxy {
+        Self::try_start_in(dir, config, &[]).expect("proxy did not start")
+    }
+
+    pub fn try_start_in(dir: Arc<tempfile::TempDir>, config: &str, env: &[(&str, &str)]) -> Result<Proxy, String> {
+        let config_path = dir.path().join("idemproxy.toml");
+        let text = config.replace("{dir}", dir.path().to_str().unwrap());
+        std::fs::write(&config_path, text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemproxy"));
+        cmd.args(["run", "--config"]).arg(&config_path);
+        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+        cmd.env("IDEMPROXY_LOG", "idemproxy=debug,info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in out.lines() {});
+        let Some(rest) = line.trim().strip_prefix("idemproxy listening on ") else {
+            let status = child.wait().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            return Err(format!("exit {status}: {}", stderr.lock().unwrap()));
+        };
+        let (main, admin) = rest.split_once(" admin ").unwrap();
+        Ok(Proxy {
+            addr: main.parse().unwrap(),
+            admin: admin.parse().unwrap(),
+            child: Some(child),
+            dir,
+            config_path,
+            stderr,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// SIGKILL and reap: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit (bounded), returning its status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < limit, "proxy did not exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Resident set size in KiB (VmRSS) and its peak (VmHWM).
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `idemproxy` with `args` to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemproxy"));
+    cmd.args(args).current_dir(cwd).env_remove("IDEMPROXY_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal config: upstream, sled store in `{dir}`, then `extra`.
+pub fn config(upstream: &str, extra: &str) -> String {
+    format!("[upstream]\nurl = \"{upstream}\"\ntimeout = \"5s\"\n\n[store]\npath = \"{{dir}}/data\"\n\n{extra}\n")
+}
+
+// ------------------------------------------------------------------ client
+
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The problem `code`, asserting the problem+json content type.
+    pub fn code(&self) -> String {
+        assert_eq!(
+            self.headers.get("content-type").map(|v| v.to_str().unwrap()),
+            Some("application/problem+json"),
+            "expected a problem, got {} {:?}",
+            self.status,
+            self.body
+        );
+        self.json()["code"].as_str().unwrap().to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    pub fn replayed(&self) -> Option<&str> {
+        self.header("idempotent-replayed")
+    }
+}
+
+/// An HTTP/1.1 client with keep-alive.
+#[derive(Clone)]
+pub struct Client {
+    inner: HyperClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Client {
+        Client {
+            inner: HyperClient::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// HTTP/2 with prior knowledge (h2c).
+    pub fn h2c() -> Client {
+        Client {
+            inner: HyperClient::builder(TokioExecutor::new()).http2_only(true).build_http(),
+        }
+    }
+
+    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(30), self.inner.request(req))
+            .await
+            .expect("request took more than 30s")
+            .expect("request failed");
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.expect("read body").to_bytes();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Resp {
+        self.send(Method::GET, url, &[], Bytes::new()).await
+    }
+
+    /// POST with an idempotency key.
+    pub async fn post_key(&self, url: &str, key: &str, body: &str) -> Resp {
+        self.send(
+            Method::POST,
+            url,
+            &[("idempotency-key", key)],
+            Bytes::copy_from_slice(body.as_bytes()),
+        )
+        .await
+    }
+}
