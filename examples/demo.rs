@@ -25,7 +25,10 @@ use idemproxy::config::{Config, Overrides};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_env_filter("idemproxy=info").with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter("idemproxy=info")
+        .with_writer(std::io::stderr)
+        .init();
     let api = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     let charges = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
@@ -56,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The demo API: every request it executes is a new charge with a new id.
-async fn execute(charges: Arc<AtomicU64>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn execute(
+    charges: Arc<AtomicU64>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let n = charges.fetch_add(1, Ordering::SeqCst) + 1;
@@ -64,10 +70,15 @@ async fn execute(charges: Arc<AtomicU64>, req: Request<hyper::body::Incoming>) -
     let json = format!(
         "{{\"id\":\"ch_{n}\",\"path\":\"{}\",\"request\":{}}}\n",
         parts.uri.path(),
-        if body.is_empty() { "null".into() } else { String::from_utf8_lossy(&body).into_owned() }
+        if body.is_empty() {
+            "null".into()
+        } else {
+            String::from_utf8_lossy(&body).into_owned()
+        }
     );
     let mut res = Response::new(Full::new(Bytes::from(json)));
     *res.status_mut() = hyper::StatusCode::CREATED;
-    res.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    res.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     Ok(res)
 }

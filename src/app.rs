@@ -77,7 +77,13 @@ impl App {
         let metrics = Metrics::new();
         let store = Store::open(&config.store, metrics.clone()).await?;
         let engine = Engine::new(store.clone(), upstream.clone(), metrics.clone());
-        let proxy = Proxy::new(config.rules.clone(), engine.clone(), upstream, metrics.clone());
+        let proxy = Proxy::new(
+            config.rules.clone(),
+            engine.clone(),
+            upstream,
+            metrics.clone(),
+            config.server.status_path.as_deref(),
+        );
         Ok(App {
             config,
             tls,
@@ -111,6 +117,12 @@ impl App {
             },
             stop.clone().cancelled_owned(),
         ));
+        tokio::spawn(reload_on_sighup(
+            self.config.clone(),
+            self.proxy.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        ));
         let server = &self.config.server;
         let started = tokio::time::Instant::now();
         crate::server::serve(
@@ -137,4 +149,53 @@ impl App {
             Err(e) => tracing::error!(error = %e, "final store flush failed"),
         }
     }
+}
+
+/// SIGHUP: re-read the config file and swap routes and `[idempotency]` for
+/// requests that start afterwards. Listeners, TLS, upstream and store keep
+/// their running settings (a restart applies those); an invalid file keeps
+/// the running config.
+async fn reload_on_sighup(running: Config, proxy: Proxy, metrics: Metrics, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return tracing::warn!("cannot install the SIGHUP handler; reload is off");
+    };
+    let Some(path) = running.source.clone() else {
+        // Running on defaults: nothing to re-read, but answer the signal.
+        loop {
+            tokio::select! {
+                _ = hup.recv() => tracing::warn!("SIGHUP ignored: no config file was loaded"),
+                () = stop.cancelled() => return,
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            () = stop.cancelled() => return,
+        }
+        match Config::load(&path, true, &running.overrides) {
+            Ok(new) => {
+                if restart_needed(&running, &new) {
+                    tracing::warn!(file = %path.display(), "reload: server, upstream and store settings changed in the file; they take effect on restart");
+                }
+                proxy.set_rules(new.rules.clone());
+                metrics.reload(true);
+                tracing::info!(file = %path.display(), routes = new.rules.routes.len(), "config reloaded");
+            }
+            Err(e) => {
+                metrics.reload(false);
+                tracing::error!(error = %e, "reload failed; keeping the running config");
+            }
+        }
+    }
+}
+
+fn restart_needed(old: &Config, new: &Config) -> bool {
+    // Listen addresses may come from flags; compare only what the file governs.
+    old.server.tls != new.server.tls
+        || old.server.status_path != new.server.status_path
+        || old.upstream.url != new.upstream.url
+        || old.upstream.timeout != new.upstream.timeout
+        || format!("{:?}", old.store) != format!("{:?}", new.store)
 }

@@ -45,6 +45,8 @@ pub struct Overrides {
 pub struct Config {
     /// The file this was read from, if any (reload re-reads it).
     pub source: Option<PathBuf>,
+    /// The command-line overrides it was loaded with (reload applies them again).
+    pub overrides: Overrides,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub store: StoreConfig,
@@ -185,7 +187,7 @@ pub enum LostOutcome {
     Retry,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum TenantSource {
     Authorization,
     Header(HeaderName),
@@ -193,13 +195,15 @@ pub enum TenantSource {
     Jwt(JwtTenant),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct JwtTenant {
     pub claim: String,
     pub key: JwtKey,
+    /// Built once at load: keys parsed, ready for every request.
+    pub verifier: Arc<crate::idempotency::jwt::JwtVerifier>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum JwtKey {
     /// HS256 with the secret read from this environment variable at load.
     Hs256 { env: String, secret: Vec<u8> },
@@ -224,6 +228,22 @@ impl Rules {
     }
 }
 
+impl Rules {
+    /// Like [`Rules::policy_for`], also naming the matched route's index
+    /// (`None` for the defaults that apply when there are no routes).
+    pub fn route_for(&self, method: &Method, path: &str) -> Option<(Option<usize>, &Arc<Policy>)> {
+        if self.routes.is_empty() {
+            return self.defaults.methods.contains(method).then_some((None, &self.defaults));
+        }
+        let (i, route) = self
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.pattern.matches(path) && r.policy.methods.contains(method))?;
+        route.enabled.then_some((Some(i), &route.policy))
+    }
+}
+
 impl Config {
     /// Reads and validates a config file, applying command-line overrides.
     ///
@@ -243,6 +263,7 @@ impl Config {
         apply_overrides(&mut raw, overrides);
         let mut config = Config::from_raw(raw, &file)?;
         config.source = text.map(|_| path.to_path_buf());
+        config.overrides = overrides.clone();
         Ok(config)
     }
 
@@ -334,6 +355,7 @@ impl Config {
         }
         Ok(Config {
             source: None,
+            overrides: Overrides::default(),
             server,
             upstream,
             store,
@@ -769,7 +791,18 @@ fn policy(own: &RawPolicy, base: Option<&RawPolicy>, at: &str, file: &str) -> Re
                     return Err(e("tenant", "set either hs256_secret_env or jwks_file, not both".into()))
                 }
             };
-            TenantSource::Jwt(JwtTenant { claim, key })
+            use crate::idempotency::jwt::JwtVerifier;
+            let verifier = match &key {
+                JwtKey::Hs256 { secret, .. } => JwtVerifier::hs256(claim.clone(), secret),
+                JwtKey::Unverified => JwtVerifier::unverified(claim.clone()),
+                JwtKey::Jwks { json, file } => JwtVerifier::jwks(claim.clone(), json)
+                    .map_err(|r| e("tenant.jwks_file", format!("{}: {r}", file.display())))?,
+            };
+            TenantSource::Jwt(JwtTenant {
+                claim,
+                key,
+                verifier: Arc::new(verifier),
+            })
         }
     };
     Ok(Policy {

@@ -23,9 +23,11 @@
 //! made durable before anyone, the leader's own client included, sees it.
 
 pub mod flight;
+pub mod jwt;
 pub mod key;
 mod leader;
 pub mod replay;
+pub mod status;
 pub mod tenant;
 
 use std::sync::Arc;

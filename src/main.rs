@@ -71,7 +71,14 @@ async fn start(config: Config) -> Result<(), StartError> {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("IDEMPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The access log (one event per request, target `idemproxy::access`) is
+    // on by default with JSON logs, which are meant for machines; with text
+    // logs it is opt-in: IDEMPROXY_LOG=info,idemproxy::access=info.
+    let default = match format {
+        LogFormat::Json => "info",
+        LogFormat::Text => "info,idemproxy::access=off",
+    };
+    let filter = EnvFilter::try_from_env("IDEMPROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

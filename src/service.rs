@@ -1,16 +1,18 @@
 //! The per-request entry point of the main listener: pick the route, then
-//! pass through or hand the request to the idempotency engine.
+//! pass through or hand the request to the idempotency engine. Also answers
+//! the client key status endpoint, and writes the access log.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::ResponseBody;
 use crate::config::Rules;
-use crate::idempotency::Engine;
+use crate::idempotency::{status, Engine};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Upstream};
 
@@ -26,38 +28,96 @@ struct Inner {
     engine: Engine,
     upstream: Upstream,
     metrics: Metrics,
+    /// `server.status_path` followed by '/', if the endpoint is on.
+    status_prefix: Option<String>,
+    request_ids: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(rules: Arc<Rules>, engine: Engine, upstream: Upstream, metrics: Metrics) -> Self {
+    pub fn new(
+        rules: Arc<Rules>,
+        engine: Engine,
+        upstream: Upstream,
+        metrics: Metrics,
+        status_path: Option<&str>,
+    ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
                 rules: ArcSwap::new(rules),
                 engine,
                 upstream,
                 metrics,
+                status_prefix: status_path.map(|p| format!("{p}/")),
+                request_ids: AtomicU64::new(0),
             }),
         }
     }
 
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
         let start = Instant::now();
-        let policy = self
-            .inner
-            .rules
-            .load()
-            .policy_for(req.method(), req.uri().path())
-            .cloned();
-        let (res, outcome) = match policy {
-            None => self.inner.upstream.forward(req, &conn).await,
-            Some(policy) => self.inner.engine.handle(req, conn, policy).await,
+        let inner = &*self.inner;
+        // The access log costs a few allocations; only pay when it is on.
+        let access = tracing::enabled!(target: "idemproxy::access", tracing::Level::INFO);
+        let head = access.then(|| {
+            (
+                req.method().clone(),
+                req.uri().path().to_owned(),
+                request_id(inner, &req),
+            )
+        });
+        let rules = inner.rules.load_full();
+        let (res, outcome, route) = if let Some(rest) = self.status_key(&req) {
+            let (res, outcome) = status::answer(&inner.engine, &rules.defaults, &req, rest).await;
+            (res, outcome, None)
+        } else {
+            match rules.route_for(req.method(), req.uri().path()) {
+                None => {
+                    let (res, outcome) = inner.upstream.forward(req, &conn).await;
+                    (res, outcome, None)
+                }
+                Some((index, policy)) => {
+                    let policy = policy.clone();
+                    let (res, outcome) = inner.engine.handle(req, conn, policy).await;
+                    (res, outcome, index)
+                }
+            }
         };
-        self.inner.metrics.request(outcome, start.elapsed());
+        let elapsed = start.elapsed();
+        inner.metrics.request(outcome, elapsed);
+        if let Some((method, path, id)) = head {
+            tracing::info!(
+                target: "idemproxy::access",
+                request_id = %id,
+                %method,
+                path,
+                route = route.map(|i| i as i64).unwrap_or(-1),
+                status = res.status().as_u16(),
+                outcome = ?outcome,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+            );
+        }
         res
+    }
+
+    /// The encoded key of a status request, if this is one.
+    fn status_key<'r>(&self, req: &'r Request<Incoming>) -> Option<&'r str> {
+        let prefix = self.inner.status_prefix.as_deref()?;
+        if req.method() != Method::GET {
+            return None;
+        }
+        req.uri().path().strip_prefix(prefix).filter(|k| !k.is_empty())
     }
 
     /// Installs new routes and policies for requests that start from now on.
     pub fn set_rules(&self, rules: Arc<Rules>) {
         self.inner.rules.store(rules);
+    }
+}
+
+/// The client's `X-Request-Id` if it sent one, else a process-unique number.
+fn request_id(inner: &Inner, req: &Request<Incoming>) -> String {
+    match req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(id) => id.to_owned(),
+        None => format!("{:016x}", inner.request_ids.fetch_add(1, Ordering::Relaxed)),
     }
 }

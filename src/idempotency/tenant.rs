@@ -32,10 +32,10 @@ pub fn of<'h>(source: &TenantSource, headers: &'h HeaderMap) -> Result<Cow<'h, s
             },
         },
         TenantSource::None => Ok(Cow::Borrowed(DEFAULT)),
-        TenantSource::Jwt(_) => Err(Problem::new(
-            Code::InvalidToken,
-            "JWT tenants are not supported by this build",
-        )),
+        TenantSource::Jwt(jwt) => Ok(match jwt.verifier.tenant(headers)? {
+            Some(subject) => Cow::Owned(subject),
+            None => Cow::Borrowed(ANONYMOUS),
+        }),
     }
 }
 
