@@ -19,6 +19,7 @@
 pub mod commit;
 pub mod memory;
 pub mod record;
+pub mod redis;
 pub mod sled;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,6 +97,7 @@ impl Health {
 enum Backend {
     Memory(memory::MemoryStore),
     Sled(sled::SledStore),
+    Redis(redis::RedisStore),
 }
 
 /// The store handle. Cheap to clone.
@@ -124,7 +126,7 @@ impl Store {
                 cache_capacity,
                 ..
             } => Backend::Sled(sled::SledStore::open(path, *sync, *cache_capacity).await?),
-            StoreConfig::Redis(_) => return Err(StoreError::Io("the redis backend is not built yet".into())),
+            StoreConfig::Redis(c) => Backend::Redis(redis::RedisStore::open(c).await?),
         };
         Ok(Store {
             backend,
@@ -171,6 +173,7 @@ impl Store {
         let r = match &self.backend {
             Backend::Memory(m) => Ok(m.claim(key, req, self.shared.instance)),
             Backend::Sled(s) => s.claim(key, req, self.shared.instance).await,
+            Backend::Redis(r) => r.claim(key, req).await,
         };
         self.observe("claim", start, r)
     }
@@ -182,31 +185,49 @@ impl Store {
         let r = match &self.backend {
             Backend::Memory(m) => m.finish(key, token, &how),
             Backend::Sled(s) => s.finish(key, token, &how).await,
+            Backend::Redis(r) => r.finish(key, token, &how).await,
         };
         self.observe("finish", start, r)
     }
 
-    /// Keeps `token`'s claim alive; embedded stores have no leases.
-    pub async fn renew(&self, _key: &RecordKey, _token: Token) -> Result<(), StoreError> {
-        Ok(())
+    /// Keeps `token`'s claim alive (a Redis lease); embedded stores have no
+    /// leases. `NotOwner` when the claim was lost or taken over meanwhile.
+    pub async fn renew(&self, key: &RecordKey, token: Token) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Memory(_) | Backend::Sled(_) => Ok(()),
+            Backend::Redis(r) => {
+                let start = std::time::Instant::now();
+                let r = r.renew(key, token).await;
+                self.observe("renew", start, r)
+            }
+        }
     }
 
     /// True when other processes share this store (their claims can be
     /// waited for); false for embedded stores owned by this process alone.
     pub fn is_shared(&self) -> bool {
-        false
+        matches!(self.backend, Backend::Redis(_))
     }
 
     /// How often the owner must call [`Store::renew`]; `None` = never.
     pub fn renew_every(&self) -> Option<Duration> {
-        None
+        match &self.backend {
+            Backend::Redis(r) => Some(r.lease() / 3),
+            Backend::Memory(_) | Backend::Sled(_) => None,
+        }
     }
 
     /// Resolves when another process may have changed `key`. Embedded stores
     /// are owned by one process, so this never resolves for them: local
-    /// waiters are woken by the in-process flight instead.
-    pub async fn wait_change(&self, _key: &RecordKey) {
-        std::future::pending::<()>().await
+    /// waiters are woken by the in-process flight instead. With Redis it
+    /// resolves on the key's change notification, when its owner's lease runs
+    /// out, or at once if the key is no longer in flight; the caller claims
+    /// again either way.
+    pub async fn wait_change(&self, key: &RecordKey) {
+        match &self.backend {
+            Backend::Redis(r) => r.wait_change(key).await,
+            Backend::Memory(_) | Backend::Sled(_) => std::future::pending::<()>().await,
+        }
     }
 
     /// The record as it stands now, for the records API and the status endpoint.
@@ -215,10 +236,21 @@ impl Store {
         let r = match &self.backend {
             Backend::Memory(m) => Ok(m.get(key)),
             Backend::Sled(s) => s.get(key).await,
+            Backend::Redis(r) => r.get(key).await,
         };
         let now = now_ms();
-        self.observe("get", start, r)
-            .map(|o| o.and_then(|rec| rec.at(now, self.shared.instance)))
+        let shared = matches!(self.backend, Backend::Redis(_));
+        self.observe("get", start, r).map(|o| {
+            o.and_then(|rec| {
+                // In a shared store another process's claim is alive until
+                // its lease ends (Redis judged that already), not dead.
+                let live = match &rec {
+                    Record::InFlight(f) if shared => f.token.instance,
+                    _ => self.shared.instance,
+                };
+                rec.at(now, live)
+            })
+        })
     }
 
     /// Deletes a record; true if there was one.
@@ -227,6 +259,7 @@ impl Store {
         let r = match &self.backend {
             Backend::Memory(m) => Ok(m.delete(key)),
             Backend::Sled(s) => s.delete(key).await,
+            Backend::Redis(r) => r.delete(key).await,
         };
         self.observe("delete", start, r)
     }
@@ -239,6 +272,8 @@ impl Store {
         let r = match &self.backend {
             Backend::Memory(m) => Ok(m.sweep(now)),
             Backend::Sled(s) => s.sweep(now).await,
+            // Redis expires records itself.
+            Backend::Redis(_) => Ok(0),
         };
         let r = self.observe("sweep", start, r);
         if let Ok(n) = r {
@@ -253,6 +288,7 @@ impl Store {
         let r = match &self.backend {
             Backend::Memory(_) => Ok(()),
             Backend::Sled(s) => s.probe().await,
+            Backend::Redis(r) => r.probe().await,
         };
         self.observe("probe", start, r)
     }
@@ -260,7 +296,8 @@ impl Store {
     /// Makes everything written so far durable (at shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Memory(_) => Ok(()),
+            // Redis's durability is its own (appendonly, replicas + WAIT).
+            Backend::Memory(_) | Backend::Redis(_) => Ok(()),
             Backend::Sled(s) => s.flush().await,
         }
     }
