@@ -23,6 +23,18 @@ pub enum Command {
     Run(RunArgs),
     /// Validate the config and print the resolved routes.
     Check(ConfigArg),
+    /// Print the idempotency OpenAPI components, or an API's OpenAPI document
+    /// with them added to the operations the configured routes cover.
+    Openapi(OpenapiArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OpenapiArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The upstream API's OpenAPI document (YAML or JSON)
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -267,6 +267,19 @@ impl Config {
         Ok(config)
     }
 
+    /// Loads only what documentation needs (routes and policies): a file
+    /// without `upstream.url` is fine here.
+    pub fn load_rules(path: &Path, explicit: bool) -> Result<Arc<Rules>, ConfigError> {
+        let file = path.display().to_string();
+        let mut raw = match std::fs::read_to_string(path) {
+            Ok(t) => parse_toml(&file, &t)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => RawConfig::default(),
+            Err(e) => return Err(err(&file, "(file)", format!("cannot read: {e}"))),
+        };
+        raw.upstream.url.get_or_insert_with(|| "http://127.0.0.1:1".to_owned());
+        Ok(Config::from_raw(raw, &file)?.rules)
+    }
+
     /// Validates a parsed file. `file` is only used in error messages.
     pub fn from_raw(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
         let e = |key: &str, reason: String| err(file, key, reason);
@@ -482,7 +495,15 @@ fn parse_toml(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
             }
         }
         let inner = e.inner();
-        let mut reason = inner.message().trim().to_owned();
+        // toml's messages may span lines ("invalid table header\nexpected ..."):
+        // the error must stay one stderr line.
+        let mut reason = inner
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         // serde reports an unknown key at its parent; name the key itself.
         if let Some(rest) = reason.strip_prefix("unknown field `") {
             if let Some(end) = rest.find('`') {
@@ -894,6 +915,7 @@ mod tests {
         for (text, key) in cases {
             let e = parse(text).expect_err(text);
             assert_eq!(e.key, key, "{text}: {e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e:?}");
         }
     }
 }

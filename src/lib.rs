@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod idempotency;
 pub mod metrics;
+pub mod openapi;
 pub mod problem;
 pub mod proxy;
 pub mod server;

@@ -1,7 +1,10 @@
 //! The `idemproxy` binary: parse the command line, load the config, set up
 //! logging, bind, and hand over to the library.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::task::{Context, Waker};
 
 use clap::Parser;
 use idemproxy::app::{App, Listeners, StartError};
@@ -20,6 +23,39 @@ fn main() -> ExitCode {
                 Ok(config) => {
                     print!("{}", config.describe());
                     println!("config OK");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("idemproxy: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Openapi(args) => {
+            let (path, explicit) = args.config.path();
+            let rules = match Config::load_rules(&path, explicit) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("idemproxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let spec = match &args.spec {
+                None => None,
+                Some(p) => match std::fs::read_to_string(p) {
+                    Ok(text) => Some((p.display().to_string(), text)),
+                    Err(e) => {
+                        eprintln!(
+                            "idemproxy: {}",
+                            idemproxy::openapi::OpenApiError::Read(p.display().to_string(), e)
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            match idemproxy::openapi::render(&rules, spec.as_ref().map(|(n, t)| (n.as_str(), t.as_str()))) {
+                Ok(out) => {
+                    print!("{out}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -57,6 +93,7 @@ fn main() -> ExitCode {
 
 async fn start(config: Config) -> Result<(), StartError> {
     let app = App::build(config).await?;
+    let shutdown = shutdown_armed();
     let listeners = Listeners::bind(&app.config).await?;
     let (main, admin) = (listeners.main.local_addr(), listeners.admin.local_addr());
     if let (Ok(main), Ok(admin)) = (main, admin) {
@@ -65,8 +102,26 @@ async fn start(config: Config) -> Result<(), StartError> {
         println!("idemproxy listening on {main} admin {admin}");
         tracing::info!(%main, %admin, upstream = %app.config.upstream.url, "idemproxy started");
     }
-    app.run(listeners, idemproxy::shutdown::signal()).await;
+    app.run(listeners, shutdown).await;
     Ok(())
+}
+
+/// The shutdown future with its signal handlers already installed.
+///
+/// A signal future registers its handlers on its first poll; until then
+/// SIGTERM and SIGINT keep their default action and kill the process. Whoever
+/// starts us (a supervisor, a test) may signal as soon as it reads the
+/// listening line, so the handlers must exist before that line is printed:
+/// poll the future once here. SIGHUP (reload) is installed later by the app;
+/// registering it now makes an early one harmless instead of fatal.
+fn shutdown_armed() -> Pin<Box<impl Future<Output = ()>>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut shutdown = Box::pin(idemproxy::shutdown::signal());
+    let _ = shutdown.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    if let Err(e) = signal(SignalKind::hangup()) {
+        tracing::warn!(error = %e, "cannot install the SIGHUP handler");
+    }
+    shutdown
 }
 
 fn init_logging(format: LogFormat) {
