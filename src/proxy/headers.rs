@@ -50,11 +50,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Sets `X-Forwarded-For` (appended to any value from a proxy in front),
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` (the Host the client asked for).
 pub fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => HeaderValue::try_from(format!("{prev}, {peer}")),
-        _ => HeaderValue::try_from(peer.to_string()),
-    };
-    if let Ok(v) = xff {
+    // Several `X-Forwarded-For` lines are one comma-separated list (RFC 9110
+    // §5.3): keep every hop, in order, then add ours.
+    let mut list = Vec::new();
+    for prev in headers.get_all(&X_FORWARDED_FOR) {
+        let prev = prev.as_bytes().trim_ascii();
+        if !prev.is_empty() {
+            list.extend_from_slice(prev);
+            list.extend_from_slice(b", ");
+        }
+    }
+    list.extend_from_slice(peer.to_string().as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&list) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -89,5 +96,16 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "api.example");
+    }
+
+    #[test]
+    fn joins_several_forwarded_for_lines() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static("10.0.0.1"));
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static(" "));
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static("10.0.0.2, 10.0.0.3"));
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 10.0.0.3, ::1");
     }
 }

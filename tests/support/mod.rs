@@ -7,7 +7,11 @@
 //! - `status=N`: answer with this status;
 //! - `size=N`: answer with N bytes, streamed in 64 KiB chunks;
 //! - `hang=1`: never answer; `close=1`: drop the connection after reading;
-//! - `cookie=1`: add a `Set-Cookie` header.
+//! - `cookie=1`: add a `Set-Cookie` header;
+//! - `hop=1`: add hop-by-hop response headers (`Connection: x-up-hop`,
+//!   `X-Up-Hop`, `Keep-Alive`, `Proxy-Authenticate`, `Upgrade`, `Trailer`)
+//!   next to an end-to-end `X-End-To-End`;
+//! - `gate=1`: hold the answer until the test calls [`Upstream::open_gate`].
 //!
 //! The JSON body of a normal answer names the execution number, the method,
 //! the path and query, the body it received and the headers it saw, so a
@@ -54,10 +58,21 @@ struct UpstreamState {
     arrived: watch::Sender<usize>,
     /// Bytes of request bodies consumed by `/sink`.
     sunk: AtomicUsize,
+    /// `gate=1` requests wait until this is true.
+    gate: watch::Sender<bool>,
 }
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Self::start_with(None).await
+    }
+
+    /// An upstream served over TLS with `tls` (an `https://` upstream).
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Upstream {
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState::default());
@@ -70,11 +85,20 @@ impl Upstream {
                     _ = &mut stopped => return,
                 };
                 let st = st.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -100,6 +124,11 @@ impl Upstream {
 
     pub fn sunk_bytes(&self) -> usize {
         self.state.sunk.load(Ordering::SeqCst)
+    }
+
+    /// Releases every `gate=1` request, present and future.
+    pub fn open_gate(&self) {
+        self.state.gate.send_replace(true);
     }
 
     /// Waits until at least `n` requests have arrived (bounded: 10 s).
@@ -162,6 +191,10 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Respon
     if let Some(ms) = q.get("delay").and_then(|d| d.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    if q.contains_key("gate") {
+        let mut open = st.gate.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+    }
     if q.contains_key("hang") {
         std::future::pending::<()>().await;
     }
@@ -205,6 +238,20 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Result<Respon
     if q.contains_key("cookie") {
         res.headers_mut()
             .insert("set-cookie", format!("session={n}").parse().unwrap());
+    }
+    if q.contains_key("hop") {
+        let h = res.headers_mut();
+        for (k, v) in [
+            ("connection", "x-up-hop"),
+            ("x-up-hop", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authenticate", "Basic realm=\"up\""),
+            ("upgrade", "h2c"),
+            ("trailer", "x-up-trailer"),
+            ("x-end-to-end", "kept"),
+        ] {
+            h.insert(k, v.parse().unwrap());
+        }
     }
     Ok(res)
 }
@@ -276,6 +323,24 @@ impl Proxy {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::launch(cmd, dir, config_path)
+    }
+
+    /// Starts `idemproxy` with exactly `args` in the working directory `dir`
+    /// and no config file written (nor `IDEMPROXY_CONFIG` inherited): for the
+    /// default config path. `args` must make it listen on port 0.
+    pub fn try_start_args(dir: Arc<tempfile::TempDir>, args: &[&str], env: &[(&str, &str)]) -> Result<Proxy, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemproxy"));
+        cmd.args(args).current_dir(dir.path()).env_remove("IDEMPROXY_CONFIG");
+        cmd.env("IDEMPROXY_LOG", "idemproxy=debug,info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let config_path = dir.path().join("config/idemproxy.toml");
+        Self::launch(cmd, dir, config_path)
+    }
+
+    fn launch(mut cmd: Command, dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Result<Proxy, String> {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let err_pipe = child.stderr.take().unwrap();
@@ -343,6 +408,11 @@ impl Proxy {
             assert!(start.elapsed() < limit, "proxy did not exit within {limit:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().expect("running").try_wait().unwrap()
     }
 
     pub fn stderr(&self) -> String {
@@ -483,5 +553,83 @@ impl Client {
             Bytes::copy_from_slice(body.as_bytes()),
         )
         .await
+    }
+}
+
+impl Client {
+    /// GET whose body is handed to `each` chunk by chunk instead of being
+    /// collected: for downloads too large to keep. Returns status and headers.
+    pub async fn get_each(&self, url: &str, mut each: impl FnMut(&[u8])) -> (StatusCode, HeaderMap) {
+        let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(30), self.inner.request(req))
+            .await
+            .expect("request took more than 30s")
+            .expect("request failed");
+        let (parts, mut body) = res.into_parts();
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame.expect("read body").data_ref() {
+                each(data);
+            }
+        }
+        (parts.status, parts.headers)
+    }
+}
+
+/// A request body of `left` bytes produced chunk by chunk from one shared
+/// `Bytes` (no allocation per chunk, nothing kept), with an unknown length
+/// so it goes out chunked: a real stream, not a buffer.
+pub struct RepeatBody {
+    chunk: Bytes,
+    left: usize,
+}
+
+impl RepeatBody {
+    pub fn new(byte: u8, total: usize) -> Self {
+        RepeatBody {
+            chunk: Bytes::from(vec![byte; 64 * 1024]),
+            left: total,
+        }
+    }
+}
+
+impl http_body::Body for RepeatBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len());
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+}
+
+/// Sends `total` bytes of `byte` as a streamed (chunked) request body.
+pub async fn send_stream(method: Method, url: &str, byte: u8, total: usize) -> Resp {
+    let client: HyperClient<_, RepeatBody> = HyperClient::builder(TokioExecutor::new()).build_http();
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(RepeatBody::new(byte, total))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("request took more than 30s")
+        .expect("request failed");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("read body").to_bytes();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
     }
 }
