@@ -4,7 +4,11 @@
 //! Slow or idle clients cannot pin the proxy: request heads must arrive within
 //! `header_read_timeout`, TLS handshakes likewise, and at most
 //! `max_connections` connections are served at once (further ones wait in the
-//! kernel's backlog).
+//! kernel's backlog). hyper's own header timer only runs once HTTP/1 has been
+//! recognised, and `auto` waits for the client's first bytes (to tell HTTP/1
+//! from an HTTP/2 preface) without any limit, so a connection that has not
+//! delivered its first complete request head within `header_read_timeout` is
+//! closed here.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -68,7 +72,10 @@ pub async fn serve(
             tls: acceptor.is_some(),
         };
         let proxy = proxy.clone();
+        let first_request = Arc::new(Notify::new());
+        let arrived = first_request.clone();
         let service = service_fn(move |req| {
+            arrived.notify_one();
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, conn).await) }
         });
@@ -77,6 +84,7 @@ pub async fn serve(
         match &acceptor {
             None => {
                 let fut = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service).into_owned());
+                let fut = first_request_within(fut, first_request, header_read_timeout);
                 tokio::spawn(
                     async move {
                         if let Err(e) = fut.await {
@@ -98,7 +106,8 @@ pub async fn serve(
                             Err(_) => return tracing::debug!("TLS handshake timed out"),
                         };
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
+                        let conn = first_request_within(watcher.watch(conn), first_request, header_read_timeout);
+                        if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "connection ended with error");
                         }
                         drop(permit);
@@ -113,4 +122,25 @@ pub async fn serve(
         () = graceful.shutdown() => tracing::debug!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace elapsed with connections still open"),
     }
+}
+
+/// Drives `conn`, closing it (by dropping it) when no request has reached the
+/// service within `limit` of its start. After the first request, hyper's own
+/// timers take over.
+async fn first_request_within<E>(
+    conn: impl Future<Output = Result<(), E>>,
+    first_request: Arc<Notify>,
+    limit: Duration,
+) -> Result<(), E> {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => return r,
+        arrived = tokio::time::timeout(limit, first_request.notified()) => {
+            if arrived.is_err() {
+                tracing::debug!("no complete request head within header_read_timeout; closing");
+                return Ok(());
+            }
+        }
+    }
+    conn.await
 }

@@ -894,3 +894,53 @@ async fn admin_health_readiness_and_metrics() {
     assert!(text.contains("idemproxy_request_duration_seconds_sum "));
     assert!(text.contains("idemproxy_inflight"), "{text}");
 }
+
+// ----------------------------------------------------------- slow clients
+
+/// Reads from `tcp` until the proxy closes it (bounded: 10 s); returns what
+/// the proxy sent before closing.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what}: the proxy kept the connection open");
+    got
+}
+
+#[tokio::test]
+async fn slow_or_silent_clients_cannot_pin_the_proxy() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(
+        &up.url(),
+        "[server]\nheader_read_timeout = \"300ms\"\nmax_connections = 3\n",
+    ));
+    // Every connection slot taken by a client that never completes a head:
+    // silent, a trickled HTTP/1.1 head, a half HTTP/2 preface.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    partial.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+
+    // A well-behaved client still gets through once the proxy drops them.
+    let c = Client::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), c.get(&proxy.url("/fast")))
+        .await
+        .expect("the slow clients pinned every connection slot");
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    read_until_closed(&mut silent, "silent client").await;
+    read_until_closed(&mut partial, "partial head").await;
+    read_until_closed(&mut preface, "partial h2 preface").await;
+    assert_eq!(up.executions(), 1, "no incomplete request reached the upstream");
+}
