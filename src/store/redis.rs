@@ -455,14 +455,16 @@ impl RedisStore {
         Ok(())
     }
 
-    /// `WAIT wait_replicas op_timeout` after a stored response. Fewer acks
-    /// are logged, not failed: the response is on the primary already and a
-    /// retry would be replayed from it; failing would only turn an executed
-    /// request into a 503.
+    /// `WAIT wait_replicas timeout` after a stored response, with Redis's
+    /// own timeout at ¾ of `op_timeout` so that it answers (with the count
+    /// it got) before the connection's `op_timeout` gives up on it. Fewer
+    /// acks are logged, not failed: the response is on the primary already
+    /// and a retry would be replayed from it; failing would only turn an
+    /// executed request into a 503.
     async fn replicate(&self, conn: &Conn, key: &str) {
         let want = self.inner.wait_replicas;
         let limit = self.inner.op_timeout;
-        match tokio::time::timeout(limit + Duration::from_millis(100), conn.wait(key, want, limit)).await {
+        match tokio::time::timeout(limit, conn.wait(key, want, limit * 3 / 4)).await {
             Ok(Ok(acks)) if acks >= i64::from(want) => {}
             Ok(Ok(acks)) => tracing::warn!(
                 acks,

@@ -1,0 +1,823 @@
+//! The Redis backend (SPEC §5) against real `redis-server` processes: several
+//! proxy replicas on one Redis, a crashed owner, Redis going away and coming
+//! back, a real 3-master Redis Cluster, the owner-token check, `WAIT`, and the
+//! Redis round trips per request.
+//!
+//! Every test starts its own `redis-server` on a free port in a temp dir
+//! (`apt-get install redis-server redis-tools` provides it).
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use idemproxy::config::{RedisConfig, StoreConfig};
+use idemproxy::metrics::Metrics;
+use idemproxy::store::{now_ms, Claim, ClaimRequest, Completed, Finish, Record, RecordKey, Store, StoreError};
+use sha2::{Digest, Sha256};
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+// ------------------------------------------------------------ redis-server
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `redis-server` on a free loopback port with its own temp dir; killed on drop.
+struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// (Re)starts the process on the same port and dir.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let bin = which("redis-server");
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--logfile", "redis.log"])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server");
+        self.child = Some(child);
+        self.wait_ping();
+    }
+
+    /// Waits (bounded) until the server answers PING.
+    fn wait_ping(&mut self) {
+        let start = Instant::now();
+        loop {
+            if ping(self.port) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                panic!("redis-server on port {} exited ({status}): {log}", self.port);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not answer PING within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL: Redis is gone, its data with it (no persistence).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn which(bin: &str) -> String {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = format!("{dir}/{bin}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    panic!("{bin} not found: apt-get install -y redis-server redis-tools");
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(which("redis-cli"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A 3-master Redis Cluster on loopback, no replicas.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &free_port().to_string(),
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(RedisServer::addr));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let out = Command::new(which("redis-cli"))
+            .args(&args)
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let start = Instant::now();
+        while !nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(start.elapsed() < Duration::from_secs(15), "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisCluster { nodes }
+    }
+
+    fn store_section(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| format!("\"redis://{}\"", n.addr())).collect();
+        format!("cluster = [{}]", seeds.join(", "))
+    }
+}
+
+// ------------------------------------------------------------------ helpers
+
+/// A proxy config on the Redis backend: `store` goes into `[store]`.
+fn redis_config(upstream: &str, upstream_timeout: &str, store: &str, extra: &str) -> String {
+    format!(
+        "[upstream]\nurl = \"{upstream}\"\ntimeout = \"{upstream_timeout}\"\n\n[store]\nbackend = \"redis\"\n{store}\n\n{extra}\n"
+    )
+}
+
+fn start_replicas(n: usize, config: &str) -> Vec<Proxy> {
+    (0..n).map(|_| Proxy::start(config)).collect()
+}
+
+/// The record of `key` (tenant `anonymous`) through the records API.
+async fn record_state(c: &Client, proxy: &Proxy, key: &str) -> Option<String> {
+    let r = c
+        .get(&proxy.admin_url(&format!("/v1/records?tenant=anonymous&key={key}")))
+        .await;
+    match r.status {
+        StatusCode::OK => Some(r.json()["state"].as_str().unwrap().to_owned()),
+        StatusCode::NOT_FOUND => None,
+        s => panic!("records API answered {s}"),
+    }
+}
+
+/// Sends a keyed POST and leaves it running: the proxy may die under it.
+async fn fire(proxy: &Proxy, path: &str, key: &str, body: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\nidempotency-key: {key}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s
+}
+
+/// The Redis key the proxy uses for tenant `anonymous` and `key`.
+fn redis_key(prefix: &str, key: &str) -> String {
+    let digest = Sha256::digest(format!("anonymous\0{key}").as_bytes());
+    format!("{prefix}:{{{}}}", hex::encode(&digest[..16]))
+}
+
+/// `count` concurrent duplicates of one keyed request spread over `proxies`;
+/// returns the responses and when each arrived.
+async fn duplicates(proxies: &[Proxy], path: &str, key: &str, count: usize) -> Vec<(Resp, Instant)> {
+    let c = Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let url = proxies[i % proxies.len()].url(path);
+        let c = c.clone();
+        let key = key.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let r = c.post_key(&url, &key, "{\"n\":1}").await;
+            (r, Instant::now())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Exactly one execution for `count` duplicates; every body identical.
+async fn check_held_duplicates(up: &Upstream, proxies: &[Proxy], path: &str, key: &str, count: usize) {
+    let before = up.executions_of(path);
+    let res = duplicates(proxies, &format!("{path}?delay=400"), key, count).await;
+    assert_eq!(
+        up.executions_of(path) - before,
+        1,
+        "{count} duplicates must execute once"
+    );
+    let first = &res[0].0;
+    for (r, _) in &res {
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        assert_eq!(r.body, first.body, "every duplicate gets the same bytes");
+    }
+    let originals = res.iter().filter(|(r, _)| r.replayed() == Some("false")).count();
+    assert_eq!(originals, 1, "one original, the rest replayed");
+    let followers: Vec<Instant> = res
+        .iter()
+        .filter(|(r, _)| r.replayed() == Some("true"))
+        .map(|(_, t)| *t)
+        .collect();
+    let spread = followers
+        .iter()
+        .max()
+        .unwrap()
+        .duration_since(*followers.iter().min().unwrap());
+    eprintln!(
+        "{count} duplicates over {} replicas: followers answered within {spread:?} of each other",
+        proxies.len()
+    );
+}
+
+/// Hundreds of keys, several duplicates each, on random replicas:
+/// executions == keys, and each key's answers are identical.
+async fn check_mixed_load(up: &Upstream, proxies: &[Proxy], path: &str, keys: usize, dups: usize) {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    let before = up.executions_of(path);
+    let mut work: Vec<(usize, usize)> = (0..keys).flat_map(|k| (0..dups).map(move |_| (k, 0))).collect();
+    let mut rng = rand::thread_rng();
+    for w in &mut work {
+        w.1 = rng.gen_range(0..proxies.len());
+    }
+    work.shuffle(&mut rng);
+    let c = Client::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(48));
+    let mut tasks = Vec::new();
+    for (k, p) in work {
+        let url = proxies[p].url(&format!("{path}?delay=20"));
+        let c = c.clone();
+        let limit = limit.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await.unwrap();
+            let r = c.post_key(&url, &format!("mixed-{k}"), &format!("{{\"k\":{k}}}")).await;
+            (k, r)
+        }));
+    }
+    let mut bodies: HashMap<usize, Bytes> = HashMap::new();
+    for t in tasks {
+        let (k, r) = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "key {k}: {:?}", r.body);
+        let prev = bodies.entry(k).or_insert_with(|| r.body.clone());
+        assert_eq!(*prev, r.body, "key {k}: duplicates must get the same bytes");
+    }
+    assert_eq!(up.executions_of(path) - before, keys, "executions == keys");
+}
+
+async fn check_replay_across(up: &Upstream, proxies: &[Proxy]) {
+    let c = Client::new();
+    let first = c.post_key(&proxies[0].url("/v1/across"), "across", "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.replayed(), Some("false"));
+    for p in &proxies[1..] {
+        let r = c.post_key(&p.url("/v1/across"), "across", "{}").await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(r.replayed(), Some("true"), "another replica replays");
+        assert_eq!(r.body, first.body);
+        assert_eq!(r.header("x-execution"), first.header("x-execution"));
+    }
+    assert_eq!(up.executions_of("/v1/across"), 1);
+}
+
+// -------------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let config = redis_config(&up.url(), "5s", &format!("url = \"{}\"", redis.url()), "");
+    let proxies = start_replicas(3, &config);
+
+    check_replay_across(&up, &proxies).await;
+    check_held_duplicates(&up, &proxies, "/v1/held", "held", 30).await;
+    check_mixed_load(&up, &proxies, "/v1/mixed", 300, 4).await;
+
+    // Every in-flight record was finished: nothing is left in flight.
+    let c = Client::new();
+    assert_eq!(
+        record_state(&c, &proxies[2], "held").await.as_deref(),
+        Some("completed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_owner_reject_never_executes_twice() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let store = format!("url = \"{}\"\nlease = \"1s\"", redis.url());
+    let config = redis_config(&up.url(), "3s", &store, "");
+    let mut proxies = start_replicas(2, &config);
+    let c = Client::new();
+
+    let _conn = fire(&proxies[0], "/v1/pay?delay=1500", "crash", "{}").await;
+    up.wait_arrived(1).await;
+    proxies[0].kill();
+
+    // The dead owner's lease has not run out yet: in flight, as on its own replica.
+    assert_eq!(
+        record_state(&c, &proxies[1], "crash").await.as_deref(),
+        Some("in_flight")
+    );
+    // A duplicate is held until the lease ends, then the outcome is unknown.
+    let started = Instant::now();
+    let r = c.post_key(&proxies[1].url("/v1/pay?delay=1500"), "crash", "{}").await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "outcome_unknown");
+    eprintln!(
+        "held duplicate got outcome_unknown after {:?} (lease 1s)",
+        started.elapsed()
+    );
+    assert_eq!(record_state(&c, &proxies[1], "crash").await.as_deref(), Some("lost"));
+    let again = c.post_key(&proxies[1].url("/v1/pay?delay=1500"), "crash", "{}").await;
+    assert_eq!(again.code(), "outcome_unknown");
+    assert_eq!(up.executions_of("/v1/pay"), 1, "reject: never a second execution");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_owner_retry_executes_again_after_upstream_timeout() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let store = format!("url = \"{}\"\nlease = \"1s\"", redis.url());
+    let config = redis_config(&up.url(), "2s", &store, "[idempotency]\non_lost_outcome = \"retry\"\n");
+    let mut proxies = start_replicas(2, &config);
+    let c = Client::new();
+    let path = "/v1/pay?delay=1200";
+
+    let _conn = fire(&proxies[0], path, "crash", "{}").await;
+    up.wait_arrived(1).await;
+    let killed_at = Instant::now();
+    proxies[0].kill();
+    assert_eq!(
+        record_state(&c, &proxies[1], "crash").await.as_deref(),
+        Some("in_flight")
+    );
+
+    // Lease over, but the original's upstream.timeout has not passed: in use.
+    let r = c.post_key(&proxies[1].url(path), "crash", "{}").await;
+    assert_eq!(r.code(), "idempotency_key_in_use");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(up.executions_of("/v1/pay"), 1);
+
+    // Then a retry executes again, once.
+    let start = Instant::now();
+    let retried = loop {
+        let r = c.post_key(&proxies[1].url(path), "crash", "{}").await;
+        if r.status != StatusCode::CONFLICT {
+            break r;
+        }
+        assert_eq!(r.code(), "idempotency_key_in_use");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the key never became retryable"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("retry executed {:?} after the owner was killed", killed_at.elapsed());
+    assert_eq!(retried.status, StatusCode::CREATED);
+    assert_eq!(retried.replayed(), Some("false"));
+    assert_eq!(up.executions_of("/v1/pay"), 2, "retry: exactly one more execution");
+    let replay = c.post_key(&proxies[1].url(path), "crash", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"));
+    assert_eq!(replay.body, retried.body);
+    assert_eq!(up.executions_of("/v1/pay"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_then_back_without_proxy_restart() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let store = format!("url = \"{}\"\nop_timeout = \"300ms\"", redis.url());
+    let config = redis_config(&up.url(), "5s", &store, "");
+    let proxy = Proxy::start(&config);
+    let c = Client::new();
+
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/a"), "before", "{}").await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(c.get(&proxy.admin_url("/readyz")).await.status, StatusCode::OK);
+
+    redis.kill();
+    let start = Instant::now();
+    let r = c.post_key(&proxy.url("/v1/down"), "down", "{}").await;
+    eprintln!("keyed request with Redis down answered in {:?}", start.elapsed());
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.code(), "store_unavailable");
+    assert_eq!(up.executions_of("/v1/down"), 0, "nothing forwarded");
+    // Requests that need no key are still proxied.
+    let plain = c.send(Method::POST, &proxy.url("/v1/plain"), &[], "{}").await;
+    assert_eq!(plain.status, StatusCode::CREATED);
+    assert_eq!(c.get(&proxy.url("/v1/plain")).await.status, StatusCode::CREATED);
+    assert_eq!(up.executions_of("/v1/plain"), 2);
+    assert_eq!(
+        c.get(&proxy.admin_url("/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    redis.spawn();
+    let start = Instant::now();
+    while c.get(&proxy.admin_url("/readyz")).await.status != StatusCode::OK {
+        assert!(start.elapsed() < Duration::from_secs(15), "readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("readyz 200 again {:?} after Redis restarted", start.elapsed());
+    let r = c.post_key(&proxy.url("/v1/down"), "down", "{}").await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.replayed(), Some("false"));
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/down"), "down", "{}").await.replayed(),
+        Some("true")
+    );
+    assert_eq!(up.executions_of("/v1/down"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_exactly_once_across_slots() {
+    let cluster = RedisCluster::start();
+    let up = Upstream::start().await;
+    let config = redis_config(&up.url(), "5s", &cluster.store_section(), "");
+    let proxies = start_replicas(3, &config);
+
+    check_replay_across(&up, &proxies).await;
+    check_held_duplicates(&up, &proxies, "/v1/held", "held", 30).await;
+    check_mixed_load(&up, &proxies, "/v1/mixed", 200, 3).await;
+
+    // The keys really are spread over the three masters' slots.
+    for n in &cluster.nodes {
+        let keys: u64 = n.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(keys > 20, "node {} holds only {keys} records", n.addr());
+    }
+}
+
+fn store_config(url: &str, lease: Duration) -> StoreConfig {
+    StoreConfig::Redis(RedisConfig {
+        url: Some(url.to_owned()),
+        cluster: Vec::new(),
+        key_prefix: "tokentest".into(),
+        lease,
+        op_timeout: Duration::from_secs(2),
+        wait_replicas: 0,
+    })
+}
+
+fn claim_req(store: &Store, lost_retry: bool) -> (ClaimRequest, idemproxy::store::Token) {
+    let token = store.token();
+    let req = ClaimRequest {
+        token,
+        fingerprint: Some([7; 32]),
+        now: now_ms(),
+        inflight_ttl: 60_000,
+        lost_retry,
+        retry_delay: 0,
+    };
+    (req, token)
+}
+
+fn completed(body: &'static str) -> Finish {
+    let now = now_ms();
+    Finish::Store(Arc::new(Completed {
+        fingerprint: Some([7; 32]),
+        status: 201,
+        headers: vec![("x-who".into(), Bytes::from_static(body.as_bytes()))],
+        body: Bytes::from_static(body.as_bytes()),
+        replayable: true,
+        stored_at: now,
+        expires_at: now + 60_000,
+        tombstone_until: 0,
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_owner_cannot_complete_over_a_newer_owner() {
+    let redis = RedisServer::start();
+    // Two replicas (two Store instances); a short lease nobody renews.
+    let config = store_config(&redis.url(), Duration::from_millis(150));
+    let a = Store::open(&config, Metrics::new()).await.unwrap();
+    let b = Store::open(&config, Metrics::new()).await.unwrap();
+    assert!(a.is_shared());
+    assert_eq!(a.renew_every(), Some(Duration::from_millis(50)));
+
+    // on_lost_outcome = retry: B takes over once A's lease ran out.
+    let key = RecordKey::new("tenant", "taken-over");
+    let (req, ta) = claim_req(&a, true);
+    assert_eq!(a.claim(&key, &req).await.unwrap(), Claim::Acquired);
+    let (req_b, tb) = claim_req(&b, true);
+    assert!(matches!(b.claim(&key, &req_b).await.unwrap(), Claim::InFlight { .. }));
+    a.renew(&key, ta).await.expect("the owner renews its own lease");
+    // wait_change resolves when A's lease runs out (A stalls: no renewal).
+    tokio::time::timeout(Duration::from_secs(3), b.wait_change(&key))
+        .await
+        .expect("wait_change resolves at the end of the lease");
+    let (mut req_b, _) = claim_req(&b, true);
+    req_b.token = tb;
+    assert_eq!(b.claim(&key, &req_b).await.unwrap(), Claim::Acquired, "B takes over");
+
+    // The stalled owner wakes up: it can neither renew nor complete.
+    assert!(matches!(a.renew(&key, ta).await, Err(StoreError::NotOwner(_))));
+    assert!(matches!(
+        a.finish(&key, ta, completed("from A")).await,
+        Err(StoreError::NotOwner(_))
+    ));
+    assert!(matches!(
+        a.finish(&key, ta, Finish::Release).await,
+        Err(StoreError::NotOwner(_))
+    ));
+    assert!(matches!(a.get(&key).await.unwrap(), Some(Record::InFlight(_))));
+    b.finish(&key, tb, completed("from B")).await.unwrap();
+    let Some(Record::Completed(c)) = a.get(&key).await.unwrap() else {
+        panic!("completed by B")
+    };
+    assert_eq!(&c.body[..], b"from B");
+    // And once B completed, A's token is still refused.
+    assert!(matches!(
+        a.finish(&key, ta, completed("from A")).await,
+        Err(StoreError::NotOwner(_))
+    ));
+    let (req, _) = claim_req(&a, true);
+    let Claim::Completed(c) = a.claim(&key, &req).await.unwrap() else {
+        panic!("replay")
+    };
+    assert_eq!(&c.body[..], b"from B");
+
+    // on_lost_outcome = reject: the verdict "lost" is persisted, A cannot finish.
+    let key = RecordKey::new("tenant", "lost");
+    let (req, ta) = claim_req(&a, false);
+    assert_eq!(a.claim(&key, &req).await.unwrap(), Claim::Acquired);
+    tokio::time::timeout(Duration::from_secs(3), b.wait_change(&key))
+        .await
+        .expect("wait_change resolves at the end of the lease");
+    let (req_b, _) = claim_req(&b, false);
+    assert!(matches!(b.claim(&key, &req_b).await.unwrap(), Claim::Lost(_)));
+    assert!(matches!(
+        a.finish(&key, ta, completed("late")).await,
+        Err(StoreError::NotOwner(_))
+    ));
+    assert!(matches!(b.get(&key).await.unwrap(), Some(Record::Lost(_))));
+
+    // A different request under the same key is a mismatch, nothing changes.
+    let (mut other, _) = claim_req(&b, true);
+    other.fingerprint = Some([8; 32]);
+    assert_eq!(b.claim(&key, &other).await.unwrap(), Claim::Mismatch);
+
+    // Delete wakes a waiter on another replica at once.
+    let key = RecordKey::new("tenant", "deleted");
+    let (req, _) = claim_req(&a, false);
+    assert_eq!(a.claim(&key, &req).await.unwrap(), Claim::Acquired);
+    a.renew(&key, req.token).await.unwrap();
+    let waiter = {
+        let b = b.clone();
+        let key = key.clone();
+        tokio::spawn(async move { b.wait_change(&key).await })
+    };
+    // Give the waiter a moment to subscribe; correctness does not depend on it.
+    tokio::task::yield_now().await;
+    assert!(b.delete(&key).await.unwrap());
+    tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.get(&key).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_waits_for_a_replica() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let start = Instant::now();
+    while !replica.cli(&["INFO", "replication"]).contains("master_link_status:up") {
+        assert!(start.elapsed() < Duration::from_secs(10), "replica never synced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = Upstream::start().await;
+    let store = format!("url = \"{}\"\nwait_replicas = 1", primary.url());
+    let proxy = Proxy::start(&redis_config(&up.url(), "5s", &store, ""));
+    let c = Client::new();
+    for i in 0..20 {
+        let key = format!("w{i}");
+        let r = c.post_key(&proxy.url("/v1/w"), &key, "{}").await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        // WAIT returned before the client saw the response: the replica has it.
+        let on_replica = replica.cli(&["HGET", &redis_key("idemproxy", &key), "s"]);
+        assert_eq!(on_replica.trim(), "c", "record {key} not on the replica yet");
+    }
+
+    // Fewer replicas than wait_replicas: logged, the request still succeeds.
+    let lonely = RedisServer::start();
+    let store = format!("url = \"{}\"\nwait_replicas = 1\nop_timeout = \"200ms\"", lonely.url());
+    let proxy = Proxy::start(&redis_config(&up.url(), "5s", &store, ""));
+    let r = c.post_key(&proxy.url("/v1/lonely"), "lonely", "{}").await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/lonely"), "lonely", "{}").await.replayed(),
+        Some("true")
+    );
+    let start = Instant::now();
+    while !proxy.stderr().contains("fewer Redis replicas") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no warning logged: {}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Watches what clients send to Redis (`MONITOR`), without what scripts
+/// call inside Redis.
+struct Monitor {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl Monitor {
+    fn start(redis: &RedisServer) -> Monitor {
+        let mut child = Command::new(which("redis-cli"))
+            .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "MONITOR"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let m = Monitor {
+            child,
+            lines,
+            port: redis.port,
+        };
+        m.until("monitor-start");
+        m
+    }
+
+    /// Client commands seen until `marker` (sent by this helper) comes back.
+    fn until(&self, marker: &str) -> Vec<String> {
+        cli(self.port, &["ECHO", marker]);
+        let mut seen = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(5))
+                .expect("MONITOR went quiet");
+            if line.contains(marker) {
+                return seen;
+            }
+            // `1700000000.123456 [0 127.0.0.1:5555] "EVALSHA" ...`; scripts show `[0 lua]`.
+            if line.contains(" lua]") || line == "OK" {
+                continue;
+            }
+            if let Some(cmd) = line.split("] \"").nth(1).and_then(|r| r.split('"').next()) {
+                seen.push(cmd.to_ascii_lowercase());
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_first_request_and_replay() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&redis_config(
+        &up.url(),
+        "5s",
+        &format!("url = \"{}\"", redis.url()),
+        "",
+    ));
+    let c = Client::new();
+    // Warm up: the connection is open and the scripts are loaded.
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/rt"), "warm", "{}").await.status,
+        StatusCode::CREATED
+    );
+
+    let monitor = Monitor::start(&redis);
+    let first = c.post_key(&proxy.url("/v1/rt"), "rt", "{}").await;
+    assert_eq!(first.replayed(), Some("false"));
+    let sent = monitor.until("first-done");
+    eprintln!("first request: {} Redis round trips {sent:?}", sent.len());
+    assert_eq!(sent, ["evalsha", "evalsha"], "claim + finish");
+
+    let replay = c.post_key(&proxy.url("/v1/rt"), "rt", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"));
+    let sent = monitor.until("replay-done");
+    eprintln!("replay: {} Redis round trip {sent:?}", sent.len());
+    assert_eq!(sent, ["evalsha"], "one claim returns the stored response");
+}
+
+#[test]
+fn backend_settings_of_another_backend_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |store: &str| {
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!("[upstream]\nurl = \"http://127.0.0.1:3000\"\n[store]\n{store}\n"),
+        )
+        .unwrap();
+        let (code, _, err) = run_cli(&["check", "--config", path.to_str().unwrap()], &[], dir.path());
+        assert_ne!(code, 0, "{store:?} must be rejected");
+        err
+    };
+    assert!(check("backend = \"sled\"\nurl = \"redis://x:6379\"").contains("store.url"));
+    assert!(check("backend = \"sled\"\nlease = \"5s\"").contains("store.lease"));
+    assert!(check("backend = \"redis\"\npath = \"data\"").contains("store.path"));
+    assert!(check("backend = \"redis\"\nsweep_interval = \"1s\"").contains("store.sweep_interval"));
+    assert!(check("backend = \"redis\"\nurl = \"http://x\"").contains("store.url"));
+    assert!(check("backend = \"redis\"\nurl = \"redis://a\"\ncluster = [\"redis://b\"]").contains("store.cluster"));
+    let ok = dir.path().join("ok.toml");
+    std::fs::write(
+        &ok,
+        "[upstream]\nurl = \"http://127.0.0.1:3000\"\n[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nlease = \"5s\"\nwait_replicas = 1\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["check", "--config", ok.to_str().unwrap()], &[], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("redis"), "{out}");
+}
