@@ -819,10 +819,25 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
 }
 
 #[tokio::test]
-async fn sigterm_right_after_startup_exits_zero() {
+async fn signals_right_after_startup_are_handled() {
     let up = Upstream::start().await;
+    // Once the listening line is printed, SIGTERM means a clean stop.
     let mut proxy = Proxy::start(&config(&up.url(), ""));
-    // The listening line is printed: from then on SIGTERM means a clean stop.
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}; stderr:\n{}",
+        proxy.stderr()
+    );
+
+    // ... and SIGHUP (reload) never kills it.
+    let mut proxy = Proxy::start(&config(&up.url(), ""));
+    proxy.signal(nix::sys::signal::Signal::SIGHUP);
+    let r = Client::new().get(&proxy.url("/after-hup")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert!(proxy.try_exit().is_none());
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
     let status = proxy.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(
