@@ -120,10 +120,15 @@ impl LeaderTask {
         }
     }
 
-    /// Answers the leader's client and the followers; the flight ends.
+    /// Answers the followers and the leader's client; the flight ends.
+    ///
+    /// The flight is ended first: once a client holds an answer, its next
+    /// request must find the key in the store, not join this finished flight
+    /// (whose fingerprint may be a rejected request's).
     fn done(self, own: Answer, shared: Shared) {
-        let _ = self.reply.send(own);
-        self.leader.finish(shared);
+        let LeaderTask { reply, leader, .. } = self;
+        leader.finish(shared);
+        let _ = reply.send(own);
     }
 
     fn fail(self, p: Problem, outcome: Outcome) {
