@@ -58,6 +58,15 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
+/// The methods a known admin path answers, for 405 responses.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" => Some("GET"),
+        "/v1/records" => Some("GET, DELETE"),
+        _ => None,
+    }
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     let mut res = Response::new(ResponseBody::full(body));
     *res.status_mut() = status;
@@ -156,7 +165,15 @@ impl Admin {
                     }
                 }
             }
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            (_, path) => match allowed(path) {
+                Some(allow) => {
+                    let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+                    res.headers_mut()
+                        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+                    res
+                }
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
         }
     }
 }

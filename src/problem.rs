@@ -30,6 +30,7 @@ pub enum Code {
     UpstreamUnavailable,
     UpstreamTimeout,
     BadRequest,
+    MethodNotAllowed,
 }
 
 impl Code {
@@ -49,6 +50,7 @@ impl Code {
             Code::UpstreamUnavailable => "upstream_unavailable",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::BadRequest => "bad_request",
+            Code::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -64,6 +66,7 @@ impl Code {
             Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -83,6 +86,7 @@ impl Code {
             Code::UpstreamUnavailable => "Upstream unavailable",
             Code::UpstreamTimeout => "Upstream timed out",
             Code::BadRequest => "Bad request",
+            Code::MethodNotAllowed => "Method not allowed",
         }
     }
 }

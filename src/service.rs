@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -58,7 +58,7 @@ impl Proxy {
         let inner = &*self.inner;
         // The access log costs a few allocations; only pay when it is on.
         let access = tracing::enabled!(target: "idemproxy::access", tracing::Level::INFO);
-        let head = access.then(|| {
+        let mut head = access.then(|| {
             (
                 req.method().clone(),
                 req.uri().path().to_owned(),
@@ -67,8 +67,12 @@ impl Proxy {
         });
         let rules = inner.rules.load_full();
         let (res, outcome, route) = if let Some(rest) = self.status_key(&req) {
-            let (res, outcome) = status::answer(&inner.engine, &rules.defaults, &req, rest).await;
-            (res, outcome, None)
+            let answer = status::answer(&inner.engine, &rules.defaults, &req, rest).await;
+            // The path holds the raw key, which is never logged: show its hash.
+            if let (Some((_, path, _)), Some(prefix)) = (head.as_mut(), inner.status_prefix.as_deref()) {
+                *path = format!("{prefix}{}", answer.log_key.as_deref().unwrap_or("-"));
+            }
+            (answer.response, answer.outcome, None)
         } else {
             match rules.route_for(req.method(), req.uri().path()) {
                 None => {
@@ -100,12 +104,11 @@ impl Proxy {
     }
 
     /// The encoded key of a status request, if this is one.
+    /// The whole prefix belongs to the endpoint: nothing under it is forwarded
+    /// (other methods get 405 from `status::answer`).
     fn status_key<'r>(&self, req: &'r Request<Incoming>) -> Option<&'r str> {
         let prefix = self.inner.status_prefix.as_deref()?;
-        if req.method() != Method::GET {
-            return None;
-        }
-        req.uri().path().strip_prefix(prefix).filter(|k| !k.is_empty())
+        req.uri().path().strip_prefix(prefix)
     }
 
     /// Installs new routes and policies for requests that start from now on.

@@ -18,14 +18,34 @@ use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
 use crate::store::{Record, RecordKey};
 
+/// The answer to a status request, and what the access log may show of its
+/// key: the same hash as every other log line, never the key itself.
+pub struct Answer {
+    pub response: Response<ResponseBody>,
+    pub outcome: Outcome,
+    /// `key::log_hash(tenant, key)`, once both are known.
+    pub log_key: Option<String>,
+}
+
 /// Answers `GET {status_path}/{encoded key}`; `rest` is the path after the prefix.
-pub async fn answer<B>(
-    engine: &Engine,
-    policy: &Policy,
-    req: &Request<B>,
-    rest: &str,
-) -> (Response<ResponseBody>, Outcome) {
-    let fail = |p: Problem, o| (p.into_response(), o);
+pub async fn answer<B>(engine: &Engine, policy: &Policy, req: &Request<B>, rest: &str) -> Answer {
+    let fail = |p: Problem, outcome| Answer {
+        response: p.into_response(),
+        outcome,
+        log_key: None,
+    };
+    if req.method() != http::Method::GET {
+        let mut response =
+            Problem::new(Code::MethodNotAllowed, "the key status endpoint only answers GET").into_response();
+        response
+            .headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET"));
+        return Answer {
+            response,
+            outcome: Outcome::status,
+            log_key: None,
+        };
+    }
     let Ok(decoded) = percent_decode_str(rest).decode_utf8() else {
         return fail(
             Problem::new(Code::IdempotencyKeyInvalid, "the key is not valid UTF-8"),
@@ -43,7 +63,20 @@ pub async fn answer<B>(
     };
     let tenant = match tenant::of(&policy.tenant, req.headers()) {
         Ok(t) => t,
-        Err(p) => return fail(p, Outcome::invalid_token),
+        Err(p) => {
+            let outcome = if p.code == Code::InvalidToken {
+                Outcome::invalid_token
+            } else {
+                Outcome::invalid_key
+            };
+            return fail(p, outcome);
+        }
+    };
+    let log_key = key::log_hash(&tenant, &key);
+    let fail = |p: Problem, outcome| Answer {
+        response: p.into_response(),
+        outcome,
+        log_key: Some(log_key.clone()),
     };
     let record = match engine.store().get(&RecordKey::new(&tenant, &key)).await {
         Ok(r) => r,
@@ -83,5 +116,9 @@ pub async fn answer<B>(
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    (res, Outcome::status)
+    Answer {
+        response: res,
+        outcome: Outcome::status,
+        log_key: Some(log_key),
+    }
 }
