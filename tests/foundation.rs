@@ -959,3 +959,66 @@ async fn slow_or_silent_clients_cannot_pin_the_proxy() {
     read_until_closed(&mut preface, "partial h2 preface").await;
     assert_eq!(up.executions(), 1, "no incomplete request reached the upstream");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_expect_continue_works() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&up.url(), ""));
+    let c = Client::new();
+    for i in 1..=5 {
+        let r = c.get(&proxy.url(&format!("/pooled/{i}"))).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let keyed = c.post_key(&proxy.url("/pooled/keyed"), "pool-key", "{}").await;
+    assert_eq!(keyed.status, StatusCode::CREATED);
+    assert_eq!(up.executions(), 6);
+    assert_eq!(
+        up.connections(),
+        1,
+        "sequential requests share one kept-alive upstream connection"
+    );
+
+    // `Expect: 100-continue` (curl sends it for large uploads) on a
+    // pass-through and on a keyed request.
+    let body = vec![b'e'; 2 * MIB];
+    let r = c
+        .send(
+            Method::PUT,
+            &proxy.url("/sink"),
+            &[("expect", "100-continue")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["received"], 2 * MIB);
+    let small = "{\"expect\":\"continue\"}";
+    let r = c
+        .send(
+            Method::POST,
+            &proxy.url("/expect/keyed"),
+            &[("expect", "100-continue"), ("idempotency-key", "expect-key")],
+            small,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.json()["body"], small);
+    assert_eq!(r.replayed(), Some("false"));
+
+    // A client that really waits for `100 Continue` before its body.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"PUT /expect/raw HTTP/1.1\r\nHost: raw\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut interim))
+        .await
+        .expect("the proxy sent no 100 Continue")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    tcp.write_all(b"hello").await.unwrap();
+    let rest = read_until_closed(&mut tcp, "expect raw").await;
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 201 "), "{rest}");
+    assert!(rest.contains("\"body\":\"hello\""), "{rest}");
+}

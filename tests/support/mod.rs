@@ -60,6 +60,8 @@ struct UpstreamState {
     sunk: AtomicUsize,
     /// `gate=1` requests wait until this is true.
     gate: watch::Sender<bool>,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
 }
 
 impl Upstream {
@@ -84,6 +86,7 @@ impl Upstream {
                     r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
                     _ = &mut stopped => return,
                 };
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -120,6 +123,11 @@ impl Upstream {
 
     pub fn executions_of(&self, path: &str) -> usize {
         *self.state.by_path.lock().unwrap().get(path).unwrap_or(&0)
+    }
+
+    /// TCP connections the upstream accepted (pooling shows here).
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     pub fn sunk_bytes(&self) -> usize {
