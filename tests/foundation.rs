@@ -1022,3 +1022,51 @@ async fn upstream_connections_are_pooled_and_expect_continue_works() {
     assert!(rest.starts_with("HTTP/1.1 201 "), "{rest}");
     assert!(rest.contains("\"body\":\"hello\""), "{rest}");
 }
+
+#[tokio::test]
+async fn sigterm_drain_is_bounded_by_shutdown_grace() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let mut proxy = Proxy::start(&config(&up.url(), "[server]\nshutdown_grace = \"300ms\"\n"));
+    let c = Client::new();
+    // An idle kept-alive connection, a silent one, and two requests the
+    // upstream never answers (pass-through and keyed).
+    assert_eq!(c.get(&proxy.url("/idle")).await.status, StatusCode::CREATED);
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    silent.write_all(b"GET /never-finished HTTP/1.1\r\n").await.unwrap();
+    let hanging = [
+        tokio::spawn({
+            let (c, url) = (c.clone(), proxy.url("/hang?hang=1"));
+            async move { c.try_send(Method::GET, &url, &[], "").await }
+        }),
+        tokio::spawn({
+            let (c, url) = (c.clone(), proxy.url("/hang-keyed?hang=1"));
+            async move {
+                c.try_send(Method::POST, &url, &[("idempotency-key", "grace-key")], "{}")
+                    .await
+            }
+        }),
+    ];
+    up.wait_arrived(3).await;
+
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    // The upstream never answers: the drain gives up after the grace and the
+    // process still exits cleanly (bounded wait far above the 300ms grace).
+    let status = proxy.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}; stderr:\n{}",
+        proxy.stderr()
+    );
+    for h in hanging {
+        // The held clients were cut off: no response, or not a success.
+        let r = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("client unblocked")
+            .unwrap();
+        assert!(r.as_ref().map_or(true, |r| !r.status.is_success()), "{r:?}");
+    }
+    read_until_closed(&mut silent, "silent client at shutdown").await;
+    assert_eq!(up.executions(), 3);
+}

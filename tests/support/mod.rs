@@ -565,6 +565,43 @@ impl Client {
 }
 
 impl Client {
+    /// Like `send`, but a failed exchange (connection refused or cut, body
+    /// broken, more than 30 s) is an `Err` instead of a panic.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Resp, String> {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+        let exchange = async {
+            let res = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| format!("request failed: {e}"))?;
+            let (parts, body) = res.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| format!("body failed: {e}"))?
+                .to_bytes();
+            Ok(Resp {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .map_err(|_| "request took more than 30s".to_owned())?
+    }
+
     /// GET whose body is handed to `each` chunk by chunk instead of being
     /// collected: for downloads too large to keep. Returns status and headers.
     pub async fn get_each(&self, url: &str, mut each: impl FnMut(&[u8])) -> (StatusCode, HeaderMap) {
