@@ -1070,3 +1070,60 @@ async fn sigterm_drain_is_bounded_by_shutdown_grace() {
     read_until_closed(&mut silent, "silent client at shutdown").await;
     assert_eq!(up.executions(), 3);
 }
+
+#[tokio::test]
+async fn command_line_flags_override_the_file() {
+    let up = Upstream::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let file = dir.path().join("flags.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{closed}\"\n\n[upstream]\nurl = \"http://127.0.0.1:{closed}\"\n\n\
+             [store]\npath = \"{}\"\n",
+            dir.path().join("file-data").display()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("flag-data");
+    let (url, data_s) = (up.url(), data.to_str().unwrap().to_owned());
+    let proxy = Proxy::try_start_args(
+        dir.clone(),
+        &[
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &url,
+            "--data-dir",
+            &data_s,
+        ],
+        &[],
+    )
+    .expect("starts with flags");
+    assert_ne!(proxy.addr.port(), closed, "--listen wins over server.listen");
+    let r = Client::new().get(&proxy.url("/flags")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "--upstream wins over upstream.url");
+    assert_eq!(up.executions(), 1);
+    assert!(data.is_dir(), "--data-dir wins over store.path");
+    assert!(!dir.path().join("file-data").exists());
+
+    // IDEMPROXY_CONFIG names the file when --config is absent; --config wins.
+    let f = file.to_str().unwrap();
+    let (code, out, err) = run_cli(&["check"], &[("IDEMPROXY_CONFIG", f)], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("http://127.0.0.1:{closed}")), "{out}");
+    let missing = dir.path().join("missing.toml");
+    let env = [("IDEMPROXY_CONFIG", missing.to_str().unwrap())];
+    let (code, out, err) = run_cli(&["check", "--config", f], &env, dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("config OK"), "{out}");
+}
