@@ -660,7 +660,29 @@ impl http_body::Body for RepeatBody {
 
 /// Sends `total` bytes of `byte` as a streamed (chunked) request body.
 pub async fn send_stream(method: Method, url: &str, byte: u8, total: usize) -> Resp {
-    let client: HyperClient<_, RepeatBody> = HyperClient::builder(TokioExecutor::new()).build_http();
+    send_stream_with(
+        HyperClient::builder(TokioExecutor::new()).build_http(),
+        method,
+        url,
+        byte,
+        total,
+    )
+    .await
+}
+
+/// `send_stream` over HTTP/2 with prior knowledge (h2c).
+pub async fn send_stream_h2c(method: Method, url: &str, byte: u8, total: usize) -> Resp {
+    let client = HyperClient::builder(TokioExecutor::new()).http2_only(true).build_http();
+    send_stream_with(client, method, url, byte, total).await
+}
+
+async fn send_stream_with(
+    client: HyperClient<hyper_util::client::legacy::connect::HttpConnector, RepeatBody>,
+    method: Method,
+    url: &str,
+    byte: u8,
+    total: usize,
+) -> Resp {
     let req = Request::builder()
         .method(method)
         .uri(url)
