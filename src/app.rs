@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
@@ -40,6 +41,10 @@ pub struct App {
     store: Store,
     proxy: Proxy,
     engine: Engine,
+    /// SIGHUP, listened to from `build` on: SIGHUP's default action is to
+    /// terminate, so a reload sent as soon as the proxy reports that it is
+    /// listening must already find the handler in place.
+    hup: Option<Signal>,
 }
 
 /// The bound sockets; tests bind port 0 and read the addresses back.
@@ -84,6 +89,9 @@ impl App {
             metrics.clone(),
             config.server.status_path.as_deref(),
         );
+        let hup = signal(SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot install the SIGHUP handler; reload is off"))
+            .ok();
         Ok(App {
             config,
             tls,
@@ -91,6 +99,7 @@ impl App {
             store,
             proxy,
             engine,
+            hup,
         })
     }
 
@@ -117,12 +126,15 @@ impl App {
             },
             stop.clone().cancelled_owned(),
         ));
-        tokio::spawn(reload_on_sighup(
-            self.config.clone(),
-            self.proxy.clone(),
-            self.metrics.clone(),
-            stop.clone(),
-        ));
+        if let Some(hup) = self.hup {
+            tokio::spawn(reload_on_sighup(
+                hup,
+                self.config.clone(),
+                self.proxy.clone(),
+                self.metrics.clone(),
+                stop.clone(),
+            ));
+        }
         let server = &self.config.server;
         let started = tokio::time::Instant::now();
         crate::server::serve(
@@ -155,11 +167,7 @@ impl App {
 /// requests that start afterwards. Listeners, TLS, upstream and store keep
 /// their running settings (a restart applies those); an invalid file keeps
 /// the running config.
-async fn reload_on_sighup(running: Config, proxy: Proxy, metrics: Metrics, stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return tracing::warn!("cannot install the SIGHUP handler; reload is off");
-    };
+async fn reload_on_sighup(mut hup: Signal, running: Config, proxy: Proxy, metrics: Metrics, stop: CancellationToken) {
     let Some(path) = running.source.clone() else {
         // Running on defaults: nothing to re-read, but answer the signal.
         loop {
