@@ -108,6 +108,11 @@ impl RedisServer {
         }
     }
 
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
@@ -503,6 +508,31 @@ async fn redis_down_then_back_without_proxy_restart() {
         Some("true")
     );
     assert_eq!(up.executions_of("/v1/down"), 1);
+
+    // Redis hangs (SIGSTOP): slower than op_timeout is a store failure too.
+    redis.signal(nix::sys::signal::Signal::SIGSTOP);
+    let start = Instant::now();
+    let r = c.post_key(&proxy.url("/v1/slow"), "slow", "{}").await;
+    eprintln!(
+        "keyed request with Redis stopped answered in {:?} (op_timeout 300ms)",
+        start.elapsed()
+    );
+    assert_eq!(r.code(), "store_unavailable");
+    assert_eq!(up.executions_of("/v1/slow"), 0, "nothing forwarded");
+    assert_eq!(
+        c.get(&proxy.admin_url("/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    redis.signal(nix::sys::signal::Signal::SIGCONT);
+    let start = Instant::now();
+    while c.get(&proxy.admin_url("/readyz")).await.status != StatusCode::OK {
+        assert!(start.elapsed() < Duration::from_secs(15), "readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c.post_key(&proxy.url("/v1/slow"), "slow", "{}").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?} {}", r.body, proxy.stderr());
+    assert_eq!(r.replayed(), Some("false"));
+    assert_eq!(up.executions_of("/v1/slow"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

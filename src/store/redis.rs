@@ -169,6 +169,12 @@ const DURABLE_CONNECTIONS: usize = 4;
 /// How often a waiter re-reads the key when its subscription failed.
 const POLL_WITHOUT_SUBSCRIPTION: Duration = Duration::from_millis(100);
 
+/// At most this many timed-out claims are being released at once.
+const MAX_UNCLAIMING: usize = 1024;
+
+/// How long a timed-out claim's release is retried (at least the lease).
+const UNCLAIM_FOR: Duration = Duration::from_secs(30);
+
 /// Margin past the owner's lease before a waiter re-claims.
 const LEASE_MARGIN: Duration = Duration::from_millis(5);
 
@@ -246,6 +252,8 @@ struct Inner {
     data: Conn,
     durable: Vec<Conn>,
     next_durable: AtomicUsize,
+    /// Background releases of timed-out claims under way.
+    unclaiming: AtomicUsize,
     notifier: Arc<Notifier>,
     prefix: String,
     lease: Duration,
@@ -254,7 +262,11 @@ struct Inner {
 }
 
 fn io(e: redis::RedisError) -> StoreError {
-    StoreError::Io(format!("redis: {e}"))
+    if e.is_timeout() {
+        StoreError::Timeout
+    } else {
+        StoreError::Io(format!("redis: {e}"))
+    }
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -335,6 +347,7 @@ impl RedisStore {
                 data,
                 durable,
                 next_durable: AtomicUsize::new(0),
+                unclaiming: AtomicUsize::new(0),
                 notifier,
                 prefix: config.key_prefix.clone(),
                 lease: config.lease,
@@ -392,7 +405,20 @@ impl RedisStore {
             .arg(if req.lost_retry { "1" } else { "0" })
             .arg(self.lease_ms())
             .arg(channel(&k));
-        let v: Vec<Value> = self.bounded(self.inner.data.script(&inv)).await?;
+        let v: Vec<Value> = match tokio::time::timeout(self.inner.op_timeout, self.inner.data.script(&inv)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                // Sent but unanswered: Redis may still apply it.
+                if e.is_timeout() || e.is_connection_dropped() {
+                    self.unclaim_later(k, req.token);
+                }
+                return Err(io(e));
+            }
+            Err(_) => {
+                self.unclaim_later(k, req.token);
+                return Err(StoreError::Timeout);
+            }
+        };
         match int(v.first())? {
             0 => Ok(Claim::Acquired),
             1 => Ok(Claim::InFlight {
@@ -453,6 +479,45 @@ impl RedisStore {
             self.replicate(conn, &k).await;
         }
         Ok(())
+    }
+
+    /// A claim that timed out may still be applied by Redis later (it was
+    /// slow, not gone), while the client was told that nothing was
+    /// forwarded: without this the key would sit in flight, then `lost`,
+    /// and every retry would get 409 `outcome_unknown`. So release it in
+    /// the background, on the same connection (hence after the claim, if it
+    /// is still queued), until Redis answers either way.
+    fn unclaim_later(&self, k: String, token: Token) {
+        let inner = &self.inner;
+        if inner.unclaiming.fetch_add(1, Ordering::AcqRel) >= MAX_UNCLAIMING {
+            inner.unclaiming.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("too many timed-out claims to release; this one may stay in flight until its lease ends");
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + UNCLAIM_FOR.max(store.inner.lease);
+            let mut pause = Duration::from_millis(20);
+            loop {
+                let mut inv = FINISH.prepare_invoke();
+                inv.key(&k).arg(token_str(token)).arg("r").arg(channel(&k));
+                match store.bounded(store.inner.data.script::<i64>(&inv)).await {
+                    Ok(1) => {
+                        tracing::info!("released a claim whose reply had timed out; nothing was forwarded for it");
+                        break;
+                    }
+                    Ok(_) => break,
+                    Err(_) if tokio::time::Instant::now() < give_up => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not release a timed-out claim; it may stay in flight until its lease ends");
+                        break;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            store.inner.unclaiming.fetch_sub(1, Ordering::AcqRel);
+        });
     }
 
     /// `WAIT wait_replicas timeout` after a stored response, with Redis's
