@@ -112,15 +112,10 @@ async fn start(config: Config) -> Result<(), StartError> {
 /// SIGTERM and SIGINT keep their default action and kill the process. Whoever
 /// starts us (a supervisor, a test) may signal as soon as it reads the
 /// listening line, so the handlers must exist before that line is printed:
-/// poll the future once here. SIGHUP (reload) is installed later by the app;
-/// registering it now makes an early one harmless instead of fatal.
+/// poll the future once here. (SIGHUP's handler is installed by `App::build`.)
 fn shutdown_armed() -> Pin<Box<impl Future<Output = ()>>> {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut shutdown = Box::pin(idemproxy::shutdown::signal());
     let _ = shutdown.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-    if let Err(e) = signal(SignalKind::hangup()) {
-        tracing::warn!(error = %e, "cannot install the SIGHUP handler");
-    }
     shutdown
 }
 
