@@ -184,8 +184,9 @@ async fn reload_on_sighup(mut hup: Signal, running: Config, proxy: Proxy, metric
         }
         match Config::load(&path, true, &running.overrides) {
             Ok(new) => {
-                if restart_needed(&running, &new) {
-                    tracing::warn!(file = %path.display(), "reload: server, upstream and store settings changed in the file; they take effect on restart");
+                let changed = restart_needed(&running, &new);
+                if !changed.is_empty() {
+                    tracing::warn!(file = %path.display(), sections = %changed.join(", "), "reload: these settings changed in the file; they take effect on restart");
                 }
                 proxy.set_rules(new.rules.clone());
                 metrics.reload(true);
@@ -199,11 +200,17 @@ async fn reload_on_sighup(mut hup: Signal, running: Config, proxy: Proxy, metric
     }
 }
 
-fn restart_needed(old: &Config, new: &Config) -> bool {
-    // Listen addresses may come from flags; compare only what the file governs.
-    old.server.tls != new.server.tls
-        || old.server.status_path != new.server.status_path
-        || old.upstream.url != new.upstream.url
-        || old.upstream.timeout != new.upstream.timeout
-        || format!("{:?}", old.store) != format!("{:?}", new.store)
+/// The sections whose changes a reload cannot apply (listeners, TLS,
+/// timeouts, logging, upstream, store). Command-line overrides are applied
+/// to both sides, so a listen address given by flag never counts as changed.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    [
+        ("[server]", differs(&old.server, &new.server)),
+        ("[upstream]", differs(&old.upstream, &new.upstream)),
+        ("[store]", differs(&old.store, &new.store)),
+    ]
+    .into_iter()
+    .filter_map(|(section, changed)| changed.then_some(section))
+    .collect()
 }

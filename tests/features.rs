@@ -129,17 +129,29 @@ async fn coalesce_only_route_shares_in_flight_and_keeps_nothing() {
 // ---------------------------------------------------------- tombstones
 
 /// After `ttl` a tombstone answers 410 without executing; after
-/// `tombstone_ttl` the key is new.
+/// `tombstone_ttl` the key is new. On sled (the default backend).
 #[tokio::test]
 async fn expired_key_answers_410_until_the_tombstone_goes() {
     let up = Upstream::start().await;
-    let proxy = Proxy::start(
-        &config(
-            &up.url(),
-            "[server]\nstatus_path = \"/_idempotency\"\n\n[idempotency]\nttl = \"1s\"\ntombstone_ttl = \"3s\"\n",
-        )
-        .replace("[store]\n", "[store]\nsweep_interval = \"200ms\"\n"),
+    let cfg = config(&up.url(), TOMBSTONES).replace("[store]\n", "[store]\nsweep_interval = \"200ms\"\n");
+    tombstone_lifecycle(&up, Proxy::start(&cfg)).await;
+}
+
+/// The same with the memory backend and its own sweeper.
+#[tokio::test]
+async fn expired_key_answers_410_until_the_tombstone_goes_memory() {
+    let up = Upstream::start().await;
+    let cfg = format!(
+        "[upstream]\nurl = \"{}\"\n\n[store]\nbackend = \"memory\"\nsweep_interval = \"200ms\"\n\n{TOMBSTONES}",
+        up.url()
     );
+    tombstone_lifecycle(&up, Proxy::start(&cfg)).await;
+}
+
+const TOMBSTONES: &str =
+    "[server]\nstatus_path = \"/_idempotency\"\n\n[idempotency]\nttl = \"1s\"\ntombstone_ttl = \"3s\"\n";
+
+async fn tombstone_lifecycle(up: &Upstream, proxy: Proxy) {
     let c = Client::new();
     let url = proxy.url("/v1/orders");
 
@@ -323,6 +335,18 @@ async fn jwt_hs256_tenant_is_the_subject() {
     assert_eq!(retry.body, first.body);
     assert_eq!(up.executions(), 1);
     assert_eq!(record(&c, &proxy, "alice", "pay-1").await.json()["state"], "completed");
+    // The scheme is case-insensitive.
+    let shouting = alice2.replacen("Bearer", "BEARER", 1);
+    let retry = post(
+        &c,
+        &url,
+        Some("pay-1"),
+        &[("authorization", &shouting)],
+        "{\"amount\":5}",
+    )
+    .await;
+    assert_eq!(retry.replayed(), Some("true"), "{:?}", retry.body);
+    assert_eq!(up.executions(), 1);
 
     // Another subject with the same key is another operation.
     let bob = hs256(SECRET, &claims(Some("bob"), now, now + 600));
@@ -356,6 +380,7 @@ async fn jwt_hs256_tenant_is_the_subject() {
     );
     assert_rejected(&c, &proxy, &up, &unsigned, "pay-1", "alg none").await;
     assert_rejected(&c, &proxy, &up, "Basic YWxpY2U6cHc=", "pay-6", "not a bearer token").await;
+    assert_rejected(&c, &proxy, &up, "Bearer ", "pay-6", "empty bearer token").await;
     assert_eq!(up.executions(), 2);
 
     // The status endpoint computes the tenant the same way.
@@ -601,7 +626,12 @@ async fn sighup_reloads_routes_and_keeps_running_config_on_error() {
     assert_eq!(keyed.status, 201);
     assert_eq!(up.executions(), 1);
 
-    write(route(false, ""));
+    // The new file changes a route, the [idempotency] defaults and a
+    // setting that needs a restart.
+    write(config(
+        &up.url(),
+        "[server]\nshutdown_grace = \"7s\"\n\n[idempotency]\nheader = \"X-Op-Key\"\n\n[[routes]]\npath = \"/v1/tasks\"\nmethods = [\"POST\"]\nrequired = false\n",
+    ));
     proxy.signal(Signal::SIGHUP);
     let passed = poll("a keyless request to pass", Duration::from_secs(10), || async {
         let r = post(&c, &url, None, &[], "{}").await;
@@ -610,8 +640,12 @@ async fn sighup_reloads_routes_and_keeps_running_config_on_error() {
     .await;
     assert_eq!(passed.replayed(), None, "keyless: proxied untouched");
     assert_eq!(up.executions(), 2);
-    // The store was not touched: the stored key still replays.
-    let replay = c.post_key(&url, "task-1", "{}").await;
+    // What a reload cannot apply is named in the log.
+    let log = wait_stderr(&proxy, "the restart warning", |s| s.contains("take effect on restart")).await;
+    assert!(log.contains("[server]") && !log.contains("[store]"), "{log}");
+    // The key header is the new one; the store was not touched, so the
+    // stored key still replays under it.
+    let replay = post(&c, &url, None, &[("x-op-key", "task-1")], "{}").await;
     assert_eq!(replay.replayed(), Some("true"));
     assert_eq!(replay.body, keyed.body);
     assert_eq!(up.executions(), 2);
@@ -634,6 +668,9 @@ async fn sighup_reloads_routes_and_keeps_running_config_on_error() {
     let still = post(&c, &url, None, &[], "{}").await;
     assert_eq!(still.status, 201, "the running config still applies");
     assert_eq!(up.executions(), 3);
+    let replay = post(&c, &url, None, &[("x-op-key", "task-1")], "{}").await;
+    assert_eq!(replay.replayed(), Some("true"), "and its key header");
+    assert_eq!(up.executions(), 3);
 }
 
 /// A SIGHUP right after the proxy reports it is listening must not kill it
@@ -652,6 +689,8 @@ async fn sighup_right_after_start_does_not_kill() {
     })
     .await;
     assert!(proxy.try_exit().is_none(), "the proxy exited on SIGHUP");
+    let log = proxy.stderr();
+    assert!(!log.contains("take effect on restart"), "nothing changed: {log}");
     assert_eq!(c.post_key(&proxy.url("/v1/x"), "h-1", "{}").await.status, 201);
 }
 

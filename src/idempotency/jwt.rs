@@ -104,11 +104,14 @@ impl JwtVerifier {
         let Some(value) = headers.get(AUTHORIZATION) else {
             return Ok(None);
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|token| !token.is_empty())
             .ok_or_else(|| invalid("the Authorization header is not a bearer token"))?;
         let claims = self.verify(token)?;
         match claims.get(&self.claim) {
