@@ -741,6 +741,110 @@ async fn key_older_than_ttl_executes_again() {
     assert_eq!(up.executions(), 2);
 }
 
+#[tokio::test]
+async fn client_disconnect_does_not_cancel_the_original() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&up.url(), ""));
+    let c = Client::new();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let req = format!(
+        "POST /v1/orders?delay=400 HTTP/1.1\r\nhost: {}\r\nidempotency-key: walked-away\r\ncontent-length: 2\r\n\r\n{{}}",
+        proxy.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    up.wait_arrived(1).await;
+    drop(s);
+    // The proxy finishes the upstream call and stores the result.
+    let mut state = serde_json::Value::Null;
+    for _ in 0..60 {
+        state = record(&c, &proxy, "anonymous", "walked-away").await.expect("claimed")["state"].clone();
+        if state == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, "completed");
+    let retry = c
+        .post_key(&proxy.url("/v1/orders?delay=400"), "walked-away", "{}")
+        .await;
+    assert_eq!(retry.replayed(), Some("true"), "the retry is a replay");
+    assert_eq!(execution(&retry), 1);
+    assert_eq!(up.executions(), 1);
+}
+
+#[tokio::test]
+async fn keyed_requests_over_h2c() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&up.url(), ""));
+    let c = Client::h2c();
+    let url = proxy.url("/v1/orders?cookie=1");
+    let first = c.post_key(&url, "h2", "{}").await;
+    let replay = c.post_key(&url, "h2", "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!((first.replayed(), replay.replayed()), (Some("false"), Some("true")));
+    assert_eq!(replay.body, first.body);
+    assert_eq!(end_to_end(&replay), end_to_end(&first));
+    assert_eq!(first.json()["version"], "HTTP/1.1", "the upstream side is HTTP/1.1");
+    // An HTTP/1.1 retry of the same key replays the same bytes.
+    let h1 = Client::new().post_key(&url, "h2", "{}").await;
+    assert_eq!(h1.body, first.body);
+    assert_eq!(up.executions(), 1);
+}
+
+/// The in-memory backend applies the same rules as sled (the tests above
+/// all run on sled).
+#[tokio::test]
+async fn memory_backend_follows_the_same_rules() {
+    let up = Upstream::start().await;
+    let cfg = format!(
+        "[upstream]\nurl = \"{}\"\ntimeout = \"500ms\"\n\n[store]\nbackend = \"memory\"\nsweep_interval = \"200ms\"\n\n\
+         [[routes]]\npath = \"/short\"\nttl = \"300ms\"\n\n[[routes]]\npath = \"/*\"\n",
+        up.url()
+    );
+    let proxy = Proxy::start(&cfg);
+    let c = Client::new();
+    let url = proxy.url("/v1/orders");
+    let a = c.post_key(&url, "m", "1").await;
+    let b = c.post_key(&url, "m", "1").await;
+    assert_eq!((a.replayed(), b.replayed()), (Some("false"), Some("true")));
+    assert_eq!(a.body, b.body);
+    assert_eq!(c.post_key(&url, "m", "2").await.code(), "idempotency_key_reused");
+    assert_eq!(
+        record(&c, &proxy, "anonymous", "m").await.unwrap()["state"],
+        "completed"
+    );
+    // Not storable: freed.
+    let e = proxy.url("/v1/orders?status=503");
+    c.post_key(&e, "e", "").await;
+    assert_eq!(execution(&c.post_key(&e, "e", "").await), 3);
+    // Outcome unknown: rejected.
+    let h = proxy.url("/v1/orders?hang=1");
+    assert_eq!(c.post_key(&h, "h", "").await.code(), "upstream_timeout");
+    assert_eq!(c.post_key(&h, "h", "").await.code(), "outcome_unknown");
+    assert_eq!(record(&c, &proxy, "anonymous", "h").await.unwrap()["state"], "lost");
+    assert_eq!(
+        delete_record(&c, &proxy, "anonymous", "h").await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(c.post_key(&h, "h", "").await.code(), "upstream_timeout");
+    assert_eq!(up.executions(), 5);
+    // Expiry and the sweeper.
+    let s = proxy.url("/short");
+    c.post_key(&s, "s", "").await;
+    let mut swept = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if sample(&c, &proxy, "idemproxy_store_expired_records_total").await >= 1.0 {
+            swept = true;
+            break;
+        }
+    }
+    assert!(swept, "the sweeper deleted the expired record");
+    assert_eq!(record(&c, &proxy, "anonymous", "s").await, None);
+    assert_eq!(c.post_key(&s, "s", "").await.replayed(), Some("false"));
+    assert_eq!(up.executions(), 7);
+}
+
 // ----------------------------------------------------------- route rules
 
 #[tokio::test]
