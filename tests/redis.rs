@@ -533,6 +533,30 @@ async fn redis_down_then_back_without_proxy_restart() {
     assert_eq!(r.status, StatusCode::CREATED, "{:?} {}", r.body, proxy.stderr());
     assert_eq!(r.replayed(), Some("false"));
     assert_eq!(up.executions_of("/v1/slow"), 1);
+
+    // Redis stalls while the upstream call runs: the client still gets its
+    // response, and the finish lands once Redis is back: a retry is a replay.
+    let arrived = up.executions();
+    let stalled = {
+        let c = c.clone();
+        let url = proxy.url("/v1/stall?delay=500");
+        tokio::spawn(async move { c.post_key(&url, "stall", "{}").await })
+    };
+    up.wait_arrived(arrived + 1).await;
+    redis.signal(nix::sys::signal::Signal::SIGSTOP);
+    let r = stalled.await.unwrap();
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.replayed(), Some("false"));
+    redis.signal(nix::sys::signal::Signal::SIGCONT);
+    let start = Instant::now();
+    while c.get(&proxy.admin_url("/readyz")).await.status != StatusCode::OK {
+        assert!(start.elapsed() < Duration::from_secs(15), "readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = c.post_key(&proxy.url("/v1/stall?delay=500"), "stall", "{}").await;
+    assert_eq!(again.replayed(), Some("true"), "{:?}", again.body);
+    assert_eq!(again.body, r.body);
+    assert_eq!(up.executions_of("/v1/stall"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

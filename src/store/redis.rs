@@ -169,11 +169,11 @@ const DURABLE_CONNECTIONS: usize = 4;
 /// How often a waiter re-reads the key when its subscription failed.
 const POLL_WITHOUT_SUBSCRIPTION: Duration = Duration::from_millis(100);
 
-/// At most this many timed-out claims are being released at once.
-const MAX_UNCLAIMING: usize = 1024;
+/// At most this many timed-out operations are being settled at once.
+const MAX_SETTLING: usize = 1024;
 
-/// How long a timed-out claim's release is retried (at least the lease).
-const UNCLAIM_FOR: Duration = Duration::from_secs(30);
+/// How long a timed-out operation is retried (at least the lease).
+const SETTLE_FOR: Duration = Duration::from_secs(30);
 
 /// Margin past the owner's lease before a waiter re-claims.
 const LEASE_MARGIN: Duration = Duration::from_millis(5);
@@ -252,8 +252,8 @@ struct Inner {
     data: Conn,
     durable: Vec<Conn>,
     next_durable: AtomicUsize,
-    /// Background releases of timed-out claims under way.
-    unclaiming: AtomicUsize,
+    /// Background settlements of timed-out claims and finishes under way.
+    settling: AtomicUsize,
     notifier: Arc<Notifier>,
     prefix: String,
     lease: Duration,
@@ -347,7 +347,7 @@ impl RedisStore {
                 data,
                 durable,
                 next_durable: AtomicUsize::new(0),
-                unclaiming: AtomicUsize::new(0),
+                settling: AtomicUsize::new(0),
                 notifier,
                 prefix: config.key_prefix.clone(),
                 lease: config.lease,
@@ -410,12 +410,12 @@ impl RedisStore {
             Ok(Err(e)) => {
                 // Sent but unanswered: Redis may still apply it.
                 if e.is_timeout() || e.is_connection_dropped() {
-                    self.unclaim_later(k, req.token);
+                    self.settle_later(k, req.token, Finish::Release);
                 }
                 return Err(io(e));
             }
             Err(_) => {
-                self.unclaim_later(k, req.token);
+                self.settle_later(k, req.token, Finish::Release);
                 return Err(StoreError::Timeout);
             }
         };
@@ -442,28 +442,7 @@ impl RedisStore {
 
     pub async fn finish(&self, key: &RecordKey, token: Token, how: &Finish) -> Result<(), StoreError> {
         let k = self.key(key);
-        let now = now_ms();
-        let mut inv = FINISH.prepare_invoke();
-        inv.key(&k).arg(token_str(token));
-        let mut stored = false;
-        match how {
-            Finish::Store(c) if gone_at(c) > now => {
-                stored = true;
-                inv.arg("s")
-                    .arg(channel(&k))
-                    .arg(Record::Completed(c.clone()).encode())
-                    .arg(gone_at(c) - now)
-                    .arg(fp_bytes(c.fingerprint.as_ref()))
-                    .arg(c.expires_at)
-                    .arg(c.tombstone_until);
-            }
-            Finish::Store(_) | Finish::Release => {
-                inv.arg("r").arg(channel(&k));
-            }
-            Finish::Lost => {
-                inv.arg("l").arg(channel(&k));
-            }
-        }
+        let (inv, stored) = finish_invocation(&k, token, how, now_ms());
         let replicate = stored && self.inner.wait_replicas > 0;
         let conn = if replicate && !self.inner.durable.is_empty() {
             let i = self.inner.next_durable.fetch_add(1, Ordering::Relaxed) % self.inner.durable.len();
@@ -471,7 +450,19 @@ impl RedisStore {
         } else {
             &self.inner.data
         };
-        let owned: i64 = self.bounded(conn.script(&inv)).await?;
+        let owned: i64 = match tokio::time::timeout(self.inner.op_timeout, conn.script(&inv)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                if e.is_timeout() || e.is_connection_dropped() {
+                    self.settle_later(k, token, how.clone());
+                }
+                return Err(io(e));
+            }
+            Err(_) => {
+                self.settle_later(k, token, how.clone());
+                return Err(StoreError::Timeout);
+            }
+        };
         if owned == 0 {
             return Err(record::NotOwner.into());
         }
@@ -481,42 +472,49 @@ impl RedisStore {
         Ok(())
     }
 
-    /// A claim that timed out may still be applied by Redis later (it was
-    /// slow, not gone), while the client was told that nothing was
-    /// forwarded: without this the key would sit in flight, then `lost`,
-    /// and every retry would get 409 `outcome_unknown`. So release it in
-    /// the background, on the same connection (hence after the claim, if it
-    /// is still queued), until Redis answers either way.
-    fn unclaim_later(&self, k: String, token: Token) {
+    /// A claim or finish whose reply timed out may still be applied by Redis
+    /// (it was slow, not gone). After a claim the client was told nothing
+    /// was forwarded, so the claim is released here (`how` = release):
+    /// otherwise the key would sit in flight, then `lost`, and every retry
+    /// would get 409 `outcome_unknown`. After a finish, the finish is
+    /// repeated so the response still gets stored (or the key freed). The
+    /// token check makes repeating harmless; the same connection keeps it
+    /// after the original if that is still queued. Retried in the background
+    /// until Redis answers either way.
+    fn settle_later(&self, k: String, token: Token, how: Finish) {
         let inner = &self.inner;
-        if inner.unclaiming.fetch_add(1, Ordering::AcqRel) >= MAX_UNCLAIMING {
-            inner.unclaiming.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("too many timed-out claims to release; this one may stay in flight until its lease ends");
+        if inner.settling.fetch_add(1, Ordering::AcqRel) >= MAX_SETTLING {
+            inner.settling.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                "too many timed-out store operations to settle; this key may stay in flight until its lease ends"
+            );
             return;
         }
         let store = self.clone();
         tokio::spawn(async move {
-            let give_up = tokio::time::Instant::now() + UNCLAIM_FOR.max(store.inner.lease);
+            let give_up = tokio::time::Instant::now() + SETTLE_FOR.max(store.inner.lease);
             let mut pause = Duration::from_millis(20);
             loop {
-                let mut inv = FINISH.prepare_invoke();
-                inv.key(&k).arg(token_str(token)).arg("r").arg(channel(&k));
+                let (inv, _) = finish_invocation(&k, token, &how, now_ms());
                 match store.bounded(store.inner.data.script::<i64>(&inv)).await {
                     Ok(1) => {
-                        tracing::info!("released a claim whose reply had timed out; nothing was forwarded for it");
+                        tracing::info!(
+                            finish = kind(&how),
+                            "settled a store operation whose reply had timed out"
+                        );
                         break;
                     }
                     Ok(_) => break,
                     Err(_) if tokio::time::Instant::now() < give_up => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not release a timed-out claim; it may stay in flight until its lease ends");
+                        tracing::warn!(error = %e, "could not settle a timed-out store operation; the key may stay in flight until its lease ends");
                         break;
                     }
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
-            store.inner.unclaiming.fetch_sub(1, Ordering::AcqRel);
+            store.inner.settling.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
@@ -636,6 +634,41 @@ impl RedisStore {
             _ = waiter.rx.changed() => {}
             () = tokio::time::sleep(limit) => {}
         }
+    }
+}
+
+/// The finish script's invocation; true when it stores a response.
+fn finish_invocation(k: &str, token: Token, how: &Finish, now: u64) -> (ScriptInvocation<'static>, bool) {
+    let mut inv = FINISH.prepare_invoke();
+    inv.key(k).arg(token_str(token));
+    let stored = match how {
+        Finish::Store(c) if gone_at(c) > now => {
+            inv.arg("s")
+                .arg(channel(k))
+                .arg(Record::Completed(c.clone()).encode())
+                .arg(gone_at(c) - now)
+                .arg(fp_bytes(c.fingerprint.as_ref()))
+                .arg(c.expires_at)
+                .arg(c.tombstone_until);
+            true
+        }
+        Finish::Store(_) | Finish::Release => {
+            inv.arg("r").arg(channel(k));
+            false
+        }
+        Finish::Lost => {
+            inv.arg("l").arg(channel(k));
+            false
+        }
+    };
+    (inv, stored)
+}
+
+fn kind(how: &Finish) -> &'static str {
+    match how {
+        Finish::Store(_) => "store",
+        Finish::Release => "release",
+        Finish::Lost => "lost",
     }
 }
 
