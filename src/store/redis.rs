@@ -325,13 +325,13 @@ impl RedisStore {
             None => {
                 let cluster_config = || ClusterConfig::new().set_connection_timeout(op).set_response_timeout(op);
                 let client = ClusterClientBuilder::new(config.cluster.clone())
-                    .retries(2)
+                    .retries(3)
                     .build()
                     .map_err(io)?;
                 let data = client.get_pending_async_connection_with_config(cluster_config());
                 let sub_client = ClusterClientBuilder::new(config.cluster.clone())
                     .use_protocol(ProtocolVersion::RESP3)
-                    .retries(2)
+                    .retries(3)
                     .build()
                     .map_err(io)?;
                 let pubsub =
