@@ -1184,7 +1184,8 @@ async fn records_api_states_and_delete() {
     assert_eq!(rec["status"], serde_json::Value::Null);
     let stored = humantime::parse_rfc3339(rec["stored_at"].as_str().unwrap()).expect("RFC 3339 UTC");
     let expires = humantime::parse_rfc3339(rec["expires_at"].as_str().unwrap()).expect("RFC 3339 UTC");
-    assert!(expires > stored);
+    // An in-flight record expires ttl after it was created.
+    assert_eq!(expires.duration_since(stored).unwrap(), Duration::from_secs(3600));
     first.await.unwrap();
 
     // completed, with the response's status and the ttl window.
@@ -1216,7 +1217,9 @@ async fn records_api_states_and_delete() {
     let rec = record(&c, &proxy, "anonymous", "gone").await.unwrap();
     assert_eq!(rec["state"], "lost");
     assert_eq!(rec["status"], serde_json::Value::Null);
-    humantime::parse_rfc3339(rec["expires_at"].as_str().unwrap()).unwrap();
+    let stored = humantime::parse_rfc3339(rec["stored_at"].as_str().unwrap()).unwrap();
+    let expires = humantime::parse_rfc3339(rec["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(expires.duration_since(stored).unwrap(), Duration::from_secs(3600));
     assert_eq!(
         delete_record(&c, &proxy, "anonymous", "gone").await,
         StatusCode::NO_CONTENT
@@ -1358,4 +1361,6 @@ async fn logs_never_contain_the_raw_key() {
     );
     assert!(!logs.contains(key), "the raw key leaked into the logs:\n{logs}");
     assert!(!logs.contains("must-not-leak"), "part of the raw key leaked:\n{logs}");
+    let metrics = c.get(&proxy.admin_url("/metrics")).await;
+    assert!(!String::from_utf8_lossy(&metrics.body).contains("must-not-leak"));
 }
