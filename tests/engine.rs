@@ -369,7 +369,8 @@ async fn duplicate_waiting_longer_than_wait_timeout_is_409() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(&up.url(), "[idempotency]\nwait_timeout = \"300ms\"\n"));
     let c = Client::new();
-    let url = proxy.url("/v1/orders?delay=1500");
+    // The upstream holds its answer until the gate opens.
+    let url = proxy.url("/v1/orders?gate=1");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.post_key(&url, "slow", "{}").await }
@@ -382,6 +383,7 @@ async fn duplicate_waiting_longer_than_wait_timeout_is_409() {
     let after: u64 = dup.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!(after >= 1);
     assert!(!first.is_finished(), "the 409 came while the original was running");
+    up.open_gate();
     let first = first.await.unwrap();
     assert_eq!(first.replayed(), Some("false"));
     // Once the original is done, the retry is a replay.
@@ -396,7 +398,7 @@ async fn wait_timeout_zero_never_waits() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(&up.url(), "[idempotency]\nwait_timeout = \"0s\"\n"));
     let c = Client::new();
-    let url = proxy.url("/v1/orders?delay=1000");
+    let url = proxy.url("/v1/orders?gate=1");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.post_key(&url, "nowait", "{}").await }
@@ -408,6 +410,7 @@ async fn wait_timeout_zero_never_waits() {
     let after: u64 = dup.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!(after >= 1);
     assert!(!first.is_finished(), "answered without waiting for the original");
+    up.open_gate();
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(up.executions(), 1);
 }
@@ -493,7 +496,7 @@ async fn mismatch_while_in_flight_is_422() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(&up.url(), ""));
     let c = Client::new();
-    let url = proxy.url("/v1/orders?delay=600");
+    let url = proxy.url("/v1/orders?gate=1");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.post_key(&url, "flying", "one").await }
@@ -502,6 +505,8 @@ async fn mismatch_while_in_flight_is_422() {
     let other = c.post_key(&url, "flying", "two").await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(other.code(), "idempotency_key_reused");
+    assert!(!first.is_finished());
+    up.open_gate();
     assert_eq!(first.await.unwrap().replayed(), Some("false"));
     assert_eq!(up.executions(), 1);
 }
@@ -655,30 +660,35 @@ async fn more_than_max_waiters_is_409() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(&up.url(), "[idempotency]\nmax_waiters = 2\n"));
     let c = Client::new();
-    let url = proxy.url("/v1/orders?delay=1500");
+    let url = proxy.url("/v1/orders?gate=1");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.post_key(&url, "crowd", "{}").await }
     });
     up.wait_arrived(1).await;
-    let dups: Vec<_> = (0..5)
-        .map(|_| {
-            let (c, url) = (c.clone(), url.clone());
-            tokio::spawn(async move { c.post_key(&url, "crowd", "{}").await })
-        })
-        .collect();
-    let mut held = Vec::new();
-    let mut refused = 0;
-    for d in dups {
-        let r = d.await.unwrap();
-        if r.status == StatusCode::CONFLICT {
-            assert_eq!(r.code(), "idempotency_key_in_use");
-            assert!(r.header("retry-after").is_some());
-            refused += 1;
-        } else {
-            held.push(r);
-        }
+    let mut dups = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let (c, url) = (c.clone(), url.clone());
+        dups.spawn(async move { c.post_key(&url, "crowd", "{}").await });
     }
+    let mut all = Vec::new();
+    // The refused come back while the original is held at the gate (if the
+    // proxy held them all instead, upstream.timeout ends this loop).
+    while all.iter().filter(|r: &&Resp| r.status == StatusCode::CONFLICT).count() < 3 {
+        let Some(r) = dups.join_next().await else { break };
+        all.push(r.unwrap());
+    }
+    assert!(!first.is_finished());
+    up.open_gate();
+    while let Some(r) = dups.join_next().await {
+        all.push(r.unwrap());
+    }
+    let (refused, held): (Vec<Resp>, Vec<Resp>) = all.into_iter().partition(|r| r.status == StatusCode::CONFLICT);
+    for r in &refused {
+        assert_eq!(r.code(), "idempotency_key_in_use");
+        assert!(r.header("retry-after").is_some());
+    }
+    let refused = refused.len();
     let first = first.await.unwrap();
     assert_eq!(refused, 3, "two may wait, the other three are refused");
     assert_eq!(held.len(), 2);
@@ -1173,7 +1183,7 @@ async fn records_api_states_and_delete() {
     );
 
     // in_flight while the upstream works.
-    let url = proxy.url("/v1/orders?delay=400");
+    let url = proxy.url("/v1/orders?gate=1");
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { c.post_key(&url, "rec", "{}").await }
@@ -1186,6 +1196,7 @@ async fn records_api_states_and_delete() {
     let expires = humantime::parse_rfc3339(rec["expires_at"].as_str().unwrap()).expect("RFC 3339 UTC");
     // An in-flight record expires ttl after it was created.
     assert_eq!(expires.duration_since(stored).unwrap(), Duration::from_secs(3600));
+    up.open_gate();
     first.await.unwrap();
 
     // completed, with the response's status and the ttl window.
@@ -1296,13 +1307,14 @@ path = "/*"
     assert_eq!(c.post_key(&slow, "b", "").await.replayed(), Some("true"));
     leader.await.unwrap();
     // conflict.
-    let nowait = proxy.url("/nowait?delay=600");
+    let nowait = proxy.url("/nowait?gate=1");
     let leader = tokio::spawn({
         let (c, url) = (c.clone(), nowait.clone());
         async move { c.post_key(&url, "c", "").await }
     });
     up.wait_arrived(3).await;
     assert_eq!(c.post_key(&nowait, "c", "").await.code(), "idempotency_key_in_use");
+    up.open_gate();
     leader.await.unwrap();
     // mismatch.
     assert_eq!(
