@@ -44,8 +44,12 @@ impl RedisServer {
     }
 
     fn start_with(args: &[&str]) -> RedisServer {
+        Self::start_on(free_port(), args)
+    }
+
+    fn start_on(port: u16, args: &[&str]) -> RedisServer {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
@@ -557,6 +561,37 @@ async fn redis_down_then_back_without_proxy_restart() {
     assert_eq!(again.replayed(), Some("true"), "{:?}", again.body);
     assert_eq!(again.body, r.body);
     assert_eq!(up.executions_of("/v1/stall"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_starts_before_redis_and_becomes_ready() {
+    let port = free_port();
+    let up = Upstream::start().await;
+    let store = format!("url = \"redis://127.0.0.1:{port}/0\"\nop_timeout = \"300ms\"");
+    let proxy = Proxy::start(&redis_config(&up.url(), "5s", &store, ""));
+    let c = Client::new();
+    assert_eq!(
+        c.get(&proxy.admin_url("/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let r = c.post_key(&proxy.url("/v1/early"), "early", "{}").await;
+    assert_eq!(r.code(), "store_unavailable");
+    assert_eq!(up.executions(), 0);
+
+    let _redis = RedisServer::start_on(port, &[]);
+    let start = Instant::now();
+    while c.get(&proxy.admin_url("/readyz")).await.status != StatusCode::OK {
+        assert!(start.elapsed() < Duration::from_secs(15), "readyz never turned 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The scripts were not loaded at start: the first call loads them.
+    let r = c.post_key(&proxy.url("/v1/early"), "early", "{}").await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/early"), "early", "{}").await.replayed(),
+        Some("true")
+    );
+    assert_eq!(up.executions_of("/v1/early"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
