@@ -460,6 +460,25 @@ async fn replay_after_completion_is_byte_for_byte() {
 }
 
 #[tokio::test]
+async fn hop_by_hop_headers_are_neither_forwarded_nor_stored() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&up.url(), ""));
+    let c = Client::new();
+    let url = proxy.url("/v1/orders?hop=1");
+    let first = c.post_key(&url, "hop", "{}").await;
+    let replay = c.post_key(&url, "hop", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"));
+    for r in [&first, &replay] {
+        assert_eq!(r.header("x-end-to-end"), Some("kept"));
+        for hop in ["x-up-hop", "keep-alive", "proxy-authenticate", "upgrade", "trailer"] {
+            assert_eq!(r.header(hop), None, "{hop} in {:?}", r.headers);
+        }
+    }
+    assert_eq!(end_to_end(&replay), end_to_end(&first));
+    assert_eq!(up.executions(), 1);
+}
+
+#[tokio::test]
 async fn same_key_different_request_is_422() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(&up.url(), ""));
@@ -1004,6 +1023,31 @@ async fn tenants_by_authorization_never_share_responses() {
     }
     assert!(record(&c, &proxy, "anonymous", "shared").await.is_some());
     assert_eq!(record(&c, &proxy, "default", "shared").await, None);
+}
+
+#[tokio::test]
+async fn tenants_in_flight_at_once_are_not_coalesced() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&up.url(), ""));
+    let c = Client::new();
+    let url = proxy.url("/v1/orders?gate=1");
+    let send = |who: &'static str| {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { post(&c, &url, &[("idempotency-key", "same"), ("authorization", who)], "{}").await })
+    };
+    let alice = send("Bearer alice");
+    up.wait_arrived(1).await;
+    let bob = send("Bearer bob");
+    // Bob's request reaches the upstream while Alice's is still held there:
+    // it was not held behind hers.
+    up.wait_arrived(2).await;
+    up.open_gate();
+    let (alice, bob) = (alice.await.unwrap(), bob.await.unwrap());
+    assert_eq!((alice.replayed(), bob.replayed()), (Some("false"), Some("false")));
+    assert_ne!(alice.body, bob.body);
+    assert_eq!(alice.json()["headers"]["authorization"], "Bearer alice");
+    assert_eq!(bob.json()["headers"]["authorization"], "Bearer bob");
+    assert_eq!(up.executions(), 2);
 }
 
 #[tokio::test]
