@@ -1325,6 +1325,41 @@ async fn ttl_expiry_and_sweeper() {
     assert_eq!(up.executions(), 2);
 }
 
+/// Before the sweeper runs, an expired record is already unknown to the
+/// records API: GET and DELETE agree on 404.
+#[tokio::test]
+async fn expired_record_is_unknown_before_the_sweep() {
+    let up = Upstream::start().await;
+    for backend in ["sled", "memory"] {
+        let store = if backend == "memory" {
+            "[store]\nbackend = \"memory\"\nsweep_interval = \"1h\"\n".to_owned()
+        } else {
+            "[store]\npath = \"{dir}/data\"\nsweep_interval = \"1h\"\n".to_owned()
+        };
+        let cfg = format!(
+            "[upstream]\nurl = \"{}\"\n\n{store}\n[idempotency]\nttl = \"300ms\"\n",
+            up.url()
+        );
+        let proxy = Proxy::start(&cfg);
+        let c = Client::new();
+        c.post_key(&proxy.url("/v1/orders"), "brief", "{}").await;
+        let mut gone = false;
+        for _ in 0..50 {
+            if record(&c, &proxy, "anonymous", "brief").await.is_none() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(gone, "{backend}: the record expired");
+        assert_eq!(
+            delete_record(&c, &proxy, "anonymous", "brief").await,
+            StatusCode::NOT_FOUND,
+            "{backend}: DELETE of an expired record"
+        );
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_outcomes() {
     let up = Upstream::start().await;

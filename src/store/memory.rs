@@ -63,8 +63,10 @@ impl MemoryStore {
         self.map.get(key).map(|r| r.clone())
     }
 
+    /// True if there was a record that had not expired yet (as `get` sees it).
     pub fn delete(&self, key: &RecordKey) -> bool {
-        self.map.remove(key).is_some()
+        let now = super::now_ms();
+        self.map.remove(key).is_some_and(|(_, r)| r.gone_at() > now)
     }
 
     pub fn sweep(&self, now: u64) -> u64 {

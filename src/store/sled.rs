@@ -144,10 +144,15 @@ impl SledStore {
             .transpose()
     }
 
+    /// Deletes the record; true if there was one that had not expired yet
+    /// (an expired one awaiting the sweeper is already unknown to `get`). A
+    /// record that cannot be decoded counts as existing: deleting it is how
+    /// an operator frees its key.
     pub async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let existed = self.records.remove(key.as_bytes()).map_err(io)?.is_some();
+        let removed = self.records.remove(key.as_bytes()).map_err(io)?;
         self.sync().await?;
-        Ok(existed)
+        let now = super::now_ms();
+        Ok(removed.is_some_and(|v| Record::decode(&v).map_or(true, |r| r.gone_at() > now)))
     }
 
     pub async fn sweep(&self, now: u64) -> Result<u64, StoreError> {
