@@ -68,7 +68,7 @@ pub struct RunArgs {
     /// Overrides upstream.url
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
-    /// Overrides store.path (sled)
+    /// Overrides store.path (sled; ignored by the other backends)
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<String>,
 }

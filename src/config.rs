@@ -538,8 +538,12 @@ fn apply_overrides(raw: &mut RawConfig, o: &Overrides) {
     if let Some(v) = &o.upstream {
         raw.upstream.url = Some(v.clone());
     }
+    // The data directory is the sled store's; other backends have none, so
+    // the same command line (the Docker image's) works with every backend.
     if let Some(v) = &o.data_dir {
-        raw.store.path = Some(v.clone());
+        if matches!(raw.store.backend.as_deref(), None | Some("sled")) {
+            raw.store.path = Some(v.clone());
+        }
     }
 }
 
@@ -880,6 +884,26 @@ mod tests {
         let c = parse(UP).unwrap();
         assert!(c.rules.policy_for(&Method::POST, "/anything").is_some());
         assert!(c.rules.policy_for(&Method::GET, "/anything").is_none());
+    }
+
+    #[test]
+    fn data_dir_applies_to_sled_only() {
+        let o = Overrides {
+            data_dir: Some("/data/x".into()),
+            ..Overrides::default()
+        };
+        let mut raw = parse_toml("t.toml", &format!("{UP}[store]\nbackend = \"redis\"\n")).unwrap();
+        apply_overrides(&mut raw, &o);
+        assert!(matches!(
+            Config::from_raw(raw, "t.toml").unwrap().store,
+            StoreConfig::Redis(_)
+        ));
+        let mut raw = parse_toml("t.toml", UP).unwrap();
+        apply_overrides(&mut raw, &o);
+        let StoreConfig::Sled { path, .. } = Config::from_raw(raw, "t.toml").unwrap().store else {
+            panic!("sled")
+        };
+        assert_eq!(path, PathBuf::from("/data/x"));
     }
 
     #[test]
