@@ -886,6 +886,95 @@ async fn round_trips_per_first_request_and_replay() {
     assert_eq!(sent, ["evalsha"], "one claim returns the stored response");
 }
 
+/// `MEMORY USAGE` of a Redis key in bytes; 0 when it does not exist.
+fn memory_usage(redis: &RedisServer, key: &str) -> u64 {
+    redis.cli(&["MEMORY", "USAGE", key]).trim().parse().unwrap_or(0)
+}
+
+fn exists(redis: &RedisServer, key: &str) -> bool {
+    redis.cli(&["EXISTS", key]).trim() == "1"
+}
+
+/// SPEC §6 on Redis: once the response expires only a compact tombstone
+/// (the small hash, no response) is left; it answers 410 without executing
+/// until `tombstone_ttl`, then the key is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_key_leaves_a_compact_tombstone() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let config = redis_config(
+        &up.url(),
+        "5s",
+        &format!("url = \"{}\"", redis.url()),
+        "[idempotency]\nttl = \"1s\"\ntombstone_ttl = \"4s\"\n",
+    );
+    let proxy = Proxy::start(&config);
+    let c = Client::new();
+    let url = proxy.url("/v1/late");
+    // The upstream echoes the body: a response of about 1.5 KB.
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1000));
+    let hash = redis_key("idemproxy", "late");
+    let response = format!("{hash}:rec");
+
+    let first = c.post_key(&url, "late", &body).await;
+    let completed = Instant::now();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = c.post_key(&url, "late", &body).await;
+    assert_eq!(replay.replayed(), Some("true"), "replayed within ttl");
+    assert_eq!(replay.body, first.body);
+    assert_eq!(record_state(&c, &proxy, "late").await.as_deref(), Some("completed"));
+    assert!(exists(&redis, &response), "the response has its own key");
+    let record_bytes = memory_usage(&redis, &hash) + memory_usage(&redis, &response);
+
+    // Deleting a record removes its response too.
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/deleted"), "deleted", &body).await.status,
+        StatusCode::CREATED
+    );
+    let deleted = redis_key("idemproxy", "deleted");
+    assert!(exists(&redis, &format!("{deleted}:rec")));
+    let r = c
+        .send(
+            Method::DELETE,
+            &proxy.admin_url("/v1/records?tenant=anonymous&key=deleted"),
+            &[],
+            "",
+        )
+        .await;
+    assert!(r.status.is_success(), "DELETE answered {}", r.status);
+    assert!(!exists(&redis, &deleted) && !exists(&redis, &format!("{deleted}:rec")));
+
+    // Past ttl: the response key is gone, the tombstone answers 410.
+    tokio::time::sleep_until((completed + Duration::from_millis(1100)).into()).await;
+    let late = c.post_key(&url, "late", &body).await;
+    assert_eq!(late.status, StatusCode::GONE, "{:?}", late.body);
+    assert_eq!(late.code(), "idempotency_key_expired");
+    assert_eq!(up.executions_of("/v1/late"), 1, "a late retry is not executed");
+    assert_eq!(record_state(&c, &proxy, "late").await.as_deref(), Some("expired"));
+    assert!(!exists(&redis, &response), "the response expired with ttl");
+    assert!(exists(&redis, &hash), "the tombstone stays until tombstone_ttl");
+    assert_eq!(redis.cli(&["HEXISTS", &hash, "rec"]).trim(), "0");
+    let tombstone_bytes = memory_usage(&redis, &hash);
+    eprintln!(
+        "Redis MEMORY USAGE: completed record {record_bytes} bytes (hash + response, {} byte body), tombstone {tombstone_bytes} bytes",
+        first.body.len()
+    );
+    assert!(tombstone_bytes < 256, "tombstone is {tombstone_bytes} bytes");
+
+    // Past tombstone_ttl the key is new: it executes again.
+    let start = Instant::now();
+    while record_state(&c, &proxy, "late").await.is_some() {
+        assert!(start.elapsed() < Duration::from_secs(8), "the tombstone never went");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("tombstone gone {:?} after completion", completed.elapsed());
+    assert!(!exists(&redis, &hash));
+    let fresh = c.post_key(&url, "late", &body).await;
+    assert_eq!(fresh.status, StatusCode::CREATED);
+    assert_eq!(fresh.replayed(), Some("false"));
+    assert_eq!(up.executions_of("/v1/late"), 2);
+}
+
 #[test]
 fn backend_settings_of_another_backend_are_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,11 +13,21 @@
 //! | `s` | state: `f` in flight, `c` completed, `l` lost |
 //! | `t` | owner token (in flight only) |
 //! | `fp` | request fingerprint, raw bytes; empty = not fingerprinted |
-//! | `b`, `e`, `r` | started_at, expires_at, retry_at (ms, replica clock) |
+//! | `b` | started_at (in flight, lost) or stored_at (completed), ms |
+//! | `e`, `r` | expires_at, retry_at (ms, replica clock) |
 //! | `l` | lease_until (ms, **Redis server clock**; in flight only) |
-//! | `x` | tombstone_until (completed only) |
-//! | `rec` | the whole [`Record::Completed`], [`Record::encode`]d (completed only) |
+//! | `x` | tombstone_until (completed only; 0 = none) |
+//! | `rec` | the whole [`Record::Completed`], [`Record::encode`]d (completed, no tombstone) |
 //!
+//! A completed record with a tombstone (`tombstone_until > expires_at`)
+//! keeps its response in a second key instead, `{key_prefix}:{h}:rec` (same
+//! hash tag, same slot), which Redis expires at `expires_at` while the hash
+//! lives on until `tombstone_until`: an expired key then costs only the small
+//! hash (SPEC §6), not the response. The scripts treat "completed, and past
+//! `expires_at` or its response key gone" as [`Record::Expired`]. Without a
+//! tombstone the hash and the response expire together, so the response
+//! stays in the hash and a record is one key.
+
 //! # Clocks
 //!
 //! Leases are judged by Redis's own clock (`TIME` inside the scripts), so a
@@ -64,25 +74,26 @@ use redis::{
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::record::{self, Claim, ClaimRequest, Completed, Finish, InFlight, Lost, Record, Token};
+use super::record::{self, Claim, ClaimRequest, Completed, Finish, InFlight, Lost, Record, Token, Tombstone};
 use super::{now_ms, RecordKey, StoreError};
 use crate::config::RedisConfig;
 
 /// The claim rule of [`record::claim`], atomically, with leases.
 ///
-/// KEYS[1] record. ARGV: 1 token, 2 fingerprint, 3 now, 4 expires_at,
-/// 5 retry_at, 6 in-flight ttl (ms), 7 lost_retry ("1"/"0"), 8 lease (ms),
-/// 9 channel.
+/// KEYS[1] record, KEYS[2] its response key. ARGV: 1 token, 2 fingerprint,
+/// 3 now, 4 expires_at, 5 retry_at, 6 in-flight ttl (ms), 7 lost_retry
+/// ("1"/"0"), 8 lease (ms), 9 channel.
 /// Returns `{0}` acquired, `{1, started_at}` in flight, `{2, record}`
-/// completed (or expired: the caller tells), `{3, fp, started, expires,
-/// retry}` lost, `{4}` mismatch.
+/// completed (the caller tells whether it has expired), `{3, fp, started,
+/// expires, retry}` lost, `{4}` mismatch, `{5, fp, stored, tombstone_until}`
+/// expired (the response is gone; only the tombstone is left).
 const CLAIM_LUA: &str = r"
 local key = KEYS[1]
 local now = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local srv = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function take()
-  redis.call('DEL', key)
+  redis.call('DEL', key, KEYS[2])
   redis.call('HSET', key, 's', 'f', 't', ARGV[1], 'fp', ARGV[2], 'b', ARGV[3], 'e', ARGV[4],
     'r', ARGV[5], 'l', string.format('%.0f', srv + tonumber(ARGV[8])))
   redis.call('PEXPIRE', key, ARGV[6])
@@ -95,7 +106,12 @@ local gone = tonumber(h[4])
 if s == 'c' then gone = math.max(gone, tonumber(h[7] or '0')) end
 if now >= gone then return take() end
 if ARGV[2] ~= '' and h[2] ~= '' and ARGV[2] ~= h[2] then return {4} end
-if s == 'c' then return {2, h[8]} end
+if s == 'c' then
+  local rec = h[8]
+  if not rec and now < tonumber(h[4]) then rec = redis.call('GET', KEYS[2]) end
+  if rec then return {2, rec} end
+  return {5, h[2], h[3] or '0', h[7] or '0'}
+end
 if s == 'f' and srv < tonumber(h[6]) then return {1, h[3]} end
 if ARGV[7] == '1' and now >= tonumber(h[5]) then return take() end
 if s == 'f' then
@@ -108,19 +124,27 @@ return {3, h[2], h[3], h[4], h[5]}
 
 /// The finish rule of [`record::finish`]: only the current owner may.
 ///
-/// KEYS[1] record. ARGV: 1 token, 2 how (`s` store, `r` release, `l` lost),
-/// 3 channel; with `s`: 4 record, 5 ttl (ms), 6 fingerprint, 7 expires_at,
-/// 8 tombstone_until. Returns 1, or 0 when the token no longer owns the key.
+/// KEYS[1] record, KEYS[2] its response key. ARGV: 1 token, 2 how (`s`
+/// store, `r` release, `l` lost), 3 channel; with `s`: 4 record, 5 ttl of
+/// the record (ms, until it is gone), 6 fingerprint, 7 expires_at,
+/// 8 tombstone_until, 9 stored_at, 10 where the response goes: `i` into the
+/// hash, else the ttl (ms) of its own key (`0`: already expired, not kept).
+/// Returns 1, or 0 when the token no longer owns the key.
 const FINISH_LUA: &str = r"
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 's', 't')
 if h[1] ~= 'f' or h[2] ~= ARGV[1] then return 0 end
 if ARGV[2] == 's' then
-  redis.call('DEL', key)
-  redis.call('HSET', key, 's', 'c', 'fp', ARGV[6], 'e', ARGV[7], 'x', ARGV[8], 'rec', ARGV[4])
+  redis.call('DEL', key, KEYS[2])
+  redis.call('HSET', key, 's', 'c', 'fp', ARGV[6], 'b', ARGV[9], 'e', ARGV[7], 'x', ARGV[8])
+  if ARGV[10] == 'i' then
+    redis.call('HSET', key, 'rec', ARGV[4])
+  elseif tonumber(ARGV[10]) > 0 then
+    redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[10])
+  end
   redis.call('PEXPIRE', key, ARGV[5])
 elseif ARGV[2] == 'r' then
-  redis.call('DEL', key)
+  redis.call('DEL', key, KEYS[2])
 else
   redis.call('HSET', key, 's', 'l')
   redis.call('HDEL', key, 't', 'l')
@@ -140,17 +164,21 @@ return 1
 ";
 
 /// Reads a record and Redis's clock, for the records API and waiters.
-/// Returns `{s, t, fp, b, e, r, l, x, rec, server_now}` (absent fields nil).
+/// KEYS[1] record, KEYS[2] its response key; ARGV[1] "1": include the
+/// response. Returns `{s, t, fp, b, e, r, l, x, rec, server_now}` (absent
+/// fields nil; `rec` nil for a tombstone whose response has expired).
 const READ_LUA: &str = r"
 local h = redis.call('HMGET', KEYS[1], 's', 't', 'fp', 'b', 'e', 'r', 'l', 'x', 'rec')
+if ARGV[1] == '1' and h[1] == 'c' and not h[9] then h[9] = redis.call('GET', KEYS[2]) end
 local t = redis.call('TIME')
 h[10] = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return h
 ";
 
-/// Deletes a record and wakes its waiters. KEYS[1] record; ARGV[1] channel.
+/// Deletes a record and its response, and wakes its waiters. KEYS[1]
+/// record, KEYS[2] its response key; ARGV[1] channel.
 const DELETE_LUA: &str = r"
-local n = redis.call('DEL', KEYS[1])
+local n = redis.call('DEL', KEYS[1], KEYS[2])
 if n > 0 then redis.call('PUBLISH', ARGV[1], 'd') end
 return n
 ";
@@ -396,6 +424,7 @@ impl RedisStore {
         let k = self.key(key);
         let mut inv = CLAIM.prepare_invoke();
         inv.key(&k)
+            .key(response_key(&k))
             .arg(token_str(req.token))
             .arg(fp_bytes(req.fingerprint.as_ref()))
             .arg(req.now)
@@ -436,6 +465,11 @@ impl RedisStore {
                 retry_at: int(v.get(4))?,
             })),
             4 => Ok(Claim::Mismatch),
+            5 => Ok(Claim::Expired(Tombstone {
+                fingerprint: fingerprint(v.get(1))?,
+                completed_at: int(v.get(2))?,
+                until: int(v.get(3))?,
+            })),
             _ => Err(corrupt("claim code")),
         }
     }
@@ -550,17 +584,17 @@ impl RedisStore {
         Ok(())
     }
 
-    /// The raw fields and Redis's clock.
-    async fn read(&self, k: &str) -> Result<Vec<Value>, StoreError> {
+    /// The raw fields and Redis's clock; the response too if `response`.
+    async fn read(&self, k: &str, response: bool) -> Result<Vec<Value>, StoreError> {
         let mut inv = READ.prepare_invoke();
-        inv.key(k);
+        inv.key(k).key(response_key(k)).arg(if response { "1" } else { "0" });
         self.bounded(self.inner.data.script(&inv)).await
     }
 
     /// The record with its lease judged: an in-flight record whose lease ran
     /// out is reported `Lost` (the next claim persists that).
     pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let v = self.read(&self.key(key)).await?;
+        let v = self.read(&self.key(key), true).await?;
         let server_now = int(v.get(9))?;
         let field = |i: usize| v.get(i).filter(|v| !matches!(v, Value::Nil));
         let Some(state) = field(0) else {
@@ -575,7 +609,13 @@ impl RedisStore {
             }))
         };
         Ok(Some(match bytes(Some(state))? {
-            b"c" => decode(field(8))?,
+            b"c" if field(8).is_some() => decode(field(8))?,
+            // The response has expired: the tombstone is all that is left.
+            b"c" => Record::Expired(Tombstone {
+                fingerprint: fingerprint(field(2))?,
+                completed_at: int(field(3))?,
+                until: field(7).map_or(Ok(0), |x| int(Some(x)))?,
+            }),
             b"l" => lost()?,
             b"f" if server_now >= int(field(6))? => lost()?,
             b"f" => Record::InFlight(InFlight {
@@ -592,7 +632,7 @@ impl RedisStore {
     /// How long the key's current owner still holds its lease, or `None`
     /// when the key is not a live in-flight record any more.
     async fn lease_left(&self, k: &str) -> Result<Option<Duration>, StoreError> {
-        let v = self.read(k).await?;
+        let v = self.read(k, false).await?;
         let in_flight = matches!(v.first(), Some(Value::BulkString(s)) if s == b"f");
         if !in_flight {
             return Ok(None);
@@ -604,7 +644,7 @@ impl RedisStore {
     pub async fn delete(&self, key: &RecordKey) -> Result<bool, StoreError> {
         let k = self.key(key);
         let mut inv = DELETE.prepare_invoke();
-        inv.key(&k).arg(channel(&k));
+        inv.key(&k).key(response_key(&k)).arg(channel(&k));
         let n: i64 = self.bounded(self.inner.data.script(&inv)).await?;
         Ok(n > 0)
     }
@@ -640,16 +680,25 @@ impl RedisStore {
 /// The finish script's invocation; true when it stores a response.
 fn finish_invocation(k: &str, token: Token, how: &Finish, now: u64) -> (ScriptInvocation<'static>, bool) {
     let mut inv = FINISH.prepare_invoke();
-    inv.key(k).arg(token_str(token));
+    inv.key(k).key(response_key(k)).arg(token_str(token));
     let stored = match how {
         Finish::Store(c) if gone_at(c) > now => {
+            // With a tombstone the response gets its own key, expiring
+            // before the hash; without one both go at once, in one key.
+            let response = if c.tombstone_until > c.expires_at {
+                c.expires_at.saturating_sub(now).to_string()
+            } else {
+                "i".to_owned()
+            };
             inv.arg("s")
                 .arg(channel(k))
                 .arg(Record::Completed(c.clone()).encode())
                 .arg(gone_at(c) - now)
                 .arg(fp_bytes(c.fingerprint.as_ref()))
                 .arg(c.expires_at)
-                .arg(c.tombstone_until);
+                .arg(c.tombstone_until)
+                .arg(c.stored_at)
+                .arg(response);
             true
         }
         Finish::Store(_) | Finish::Release => {
@@ -679,6 +728,11 @@ fn gone_at(c: &Completed) -> u64 {
 /// The channel a record's changes are published on (same hash tag).
 fn channel(redis_key: &str) -> String {
     format!("{redis_key}:changed")
+}
+
+/// Where a record with a tombstone keeps its response (same hash tag).
+fn response_key(redis_key: &str) -> String {
+    format!("{redis_key}:rec")
 }
 
 fn token_str(t: Token) -> String {
@@ -872,10 +926,8 @@ mod tests {
             hex::encode(&Sha256::digest(RecordKey::new("t", "k").as_bytes())[..16])
         );
         assert_eq!(k.len(), "p:{}".len() + 32);
-        let ch = channel(&k);
-        assert_eq!(
-            redis::cluster_routing::Slot::for_key(&k),
-            redis::cluster_routing::Slot::for_key(&ch)
-        );
+        let slot = redis::cluster_routing::Slot::for_key(&k);
+        assert_eq!(slot, redis::cluster_routing::Slot::for_key(channel(&k)));
+        assert_eq!(slot, redis::cluster_routing::Slot::for_key(response_key(&k)));
     }
 }
