@@ -66,6 +66,17 @@ struct Inner {
 
 type Answer = (Response<ResponseBody>, Outcome);
 
+/// What a held duplicate ends with.
+enum Followed {
+    Answer(Answer),
+    /// Its request differs from the one in flight: once that one finished,
+    /// go to the store like a new request (it answers 422 or replays).
+    Rejoin,
+}
+
+/// How often a request re-joins after waiting for a different request.
+const REJOINS: usize = 3;
+
 fn problem(p: Problem, outcome: Outcome) -> Answer {
     (p.into_response(), outcome)
 }
@@ -130,42 +141,53 @@ impl Engine {
         let key = key.unwrap_or_else(|| hex::encode(fp));
         let record_key = RecordKey::new(&tenant, &key);
         let fingerprint = policy.fingerprint.then_some(fp);
-        let log_key = key::log_hash(&tenant, &key);
-        tracing::debug!(key = %log_key, method = %parts.method, path = parts.uri.path(), "keyed request");
+        tracing::debug!(key = %key::LogKey(&record_key), method = %parts.method, path = parts.uri.path(), "keyed request");
 
-        match self.inner.flights.join(&record_key, fingerprint) {
-            Joined::Follower(flight) => self.follow(flight, fingerprint, &policy).await,
-            Joined::Leader(leader) => {
-                self.inner.upstream.prepare(&mut parts, &conn);
-                let (reply, answer) = oneshot::channel();
-                let task = leader::LeaderTask {
-                    engine: self.clone(),
-                    leader,
-                    parts,
-                    body,
-                    policy,
-                    fingerprint,
-                    reply,
-                    log_key,
-                };
-                self.inner.tasks.spawn(task.run());
-                answer.await.unwrap_or_else(|_| {
-                    problem(
-                        Problem::new(Code::UpstreamUnavailable, "the request failed inside the proxy"),
-                        Outcome::upstream_error,
-                    )
-                })
-            }
+        // A follower whose request differs from the flight's waits for it and
+        // joins again: the store, not the other request, decides who is right.
+        for _ in 0..REJOINS {
+            let leader = match self.inner.flights.join(&record_key, fingerprint) {
+                Joined::Leader(leader) => leader,
+                Joined::Follower(flight) => match self.follow(flight, fingerprint, &policy).await {
+                    Followed::Answer(answer) => return answer,
+                    Followed::Rejoin => continue,
+                },
+            };
+            self.inner.upstream.prepare(&mut parts, &conn);
+            let (reply, answer) = oneshot::channel();
+            let task = leader::LeaderTask {
+                engine: self.clone(),
+                leader,
+                parts,
+                body,
+                policy,
+                fingerprint,
+                reply,
+            };
+            self.inner.tasks.spawn(task.run());
+            return answer.await.unwrap_or_else(|_| {
+                problem(
+                    Problem::new(Code::UpstreamUnavailable, "the request failed inside the proxy"),
+                    Outcome::upstream_error,
+                )
+            });
         }
+        // Only reachable when requests with different bodies keep racing
+        // for this key; refusing is the safe answer.
+        problem(reused(), Outcome::mismatch)
     }
 
     /// A held duplicate: wait for the leader's outcome.
-    async fn follow(&self, flight: Arc<Flight>, fingerprint: Option<Fingerprint>, policy: &Policy) -> Answer {
-        if policy.fingerprint && flight.fingerprint != fingerprint {
-            return problem(reused(), Outcome::mismatch);
-        }
+    async fn follow(&self, flight: Arc<Flight>, fingerprint: Option<Fingerprint>, policy: &Policy) -> Followed {
+        let differs = policy.fingerprint && flight.fingerprint != fingerprint;
         if policy.wait_timeout.is_zero() {
-            return problem(in_use(Duration::from_secs(1)), Outcome::conflict);
+            let p = if differs {
+                reused()
+            } else {
+                in_use(Duration::from_secs(1))
+            };
+            let outcome = if differs { Outcome::mismatch } else { Outcome::conflict };
+            return Followed::Answer(problem(p, outcome));
         }
         let Some(_slot) = flight.add_waiter(policy.max_waiters) else {
             let p = Problem::new(
@@ -173,22 +195,35 @@ impl Engine {
                 "too many duplicates are already waiting for this key",
             )
             .retry_after(Duration::from_secs(1));
-            return problem(p, Outcome::conflict);
+            return Followed::Answer(problem(p, Outcome::conflict));
         };
         let mut rx = flight.subscribe();
+        if differs {
+            // A different request under this key: if the leader's request
+            // owns the key, this one is a mismatch; if the leader's was the
+            // mismatch (the key holds another request), ask the store again.
+            let mut executing = flight.executing();
+            return tokio::select! {
+                _ = executing.wait_for(|e| *e) => Followed::Answer(problem(reused(), Outcome::mismatch)),
+                _ = rx.wait_for(Option::is_some) => Followed::Rejoin,
+                () = tokio::time::sleep(policy.wait_timeout) => {
+                    Followed::Answer(problem(in_use(Duration::from_secs(1)), Outcome::conflict))
+                }
+            };
+        }
         let shared = match tokio::time::timeout(policy.wait_timeout, rx.wait_for(Option::is_some)).await {
             Ok(Ok(v)) => v.clone(),
             Ok(Err(_)) => None,
-            Err(_) => return problem(in_use(Duration::from_secs(1)), Outcome::conflict),
+            Err(_) => return Followed::Answer(problem(in_use(Duration::from_secs(1)), Outcome::conflict)),
         };
-        match shared {
+        Followed::Answer(match shared {
             Some(Shared::Response(r)) => (r.response(now_ms()), Outcome::coalesced),
             Some(Shared::Problem(p, o)) => problem(p, o),
             None => problem(
                 Problem::new(Code::UpstreamUnavailable, "the original request was abandoned"),
                 Outcome::upstream_error,
             ),
-        }
+        })
     }
 
     /// Waits up to `grace` for detached leader tasks (at shutdown).

@@ -1457,3 +1457,43 @@ async fn logs_never_contain_the_raw_key() {
     let metrics = c.get(&proxy.admin_url("/metrics")).await;
     assert!(!String::from_utf8_lossy(&metrics.body).contains("must-not-leak"));
 }
+
+/// A correct retry must never be refused because a request with another body
+/// happens to lead the in-process flight while it asks the store: the store,
+/// not the other request, decides. Fired together many times, every correct
+/// retry replays and every different body gets 422.
+#[tokio::test]
+async fn correct_retries_racing_a_mismatched_request_still_replay() {
+    let up = Upstream::start().await;
+    let proxy = Proxy::start(&config(&up.url(), ""));
+    let c = Client::new();
+    let url = proxy.url("/v1/orders");
+    let first = c.post_key(&url, "race", "right").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    for round in 0..20 {
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let (c, url) = (c.clone(), url.clone());
+            let body = if (i + round) % 2 == 0 { "right" } else { "wrong" };
+            tasks.push(tokio::spawn(
+                async move { (body, c.post_key(&url, "race", body).await) },
+            ));
+        }
+        for t in tasks {
+            let (body, r) = t.await.unwrap();
+            if body == "right" {
+                assert_eq!(
+                    r.status,
+                    StatusCode::CREATED,
+                    "round {round}: a correct retry got {:?}",
+                    r.body
+                );
+                assert_eq!(r.body, first.body);
+                assert_eq!(r.replayed(), Some("true"));
+            } else {
+                assert_eq!(r.code(), "idempotency_key_reused", "round {round}");
+            }
+        }
+    }
+    assert_eq!(up.executions(), 1);
+}

@@ -35,6 +35,9 @@ pub struct Flight {
     pub fingerprint: Option<Fingerprint>,
     waiters: AtomicU32,
     done: watch::Sender<Option<Shared>>,
+    /// Set once the leader owns the key in the store: from then on its
+    /// request is the key's request, and a different one is a mismatch.
+    executing: watch::Sender<bool>,
 }
 
 impl Flight {
@@ -43,6 +46,11 @@ impl Flight {
         let prev = self.waiters.fetch_add(1, Ordering::AcqRel);
         let slot = WaiterSlot(self.clone());
         (prev < max).then_some(slot)
+    }
+
+    /// Resolves once the leader owns the key in the store.
+    pub fn executing(&self) -> watch::Receiver<bool> {
+        self.executing.subscribe()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Option<Shared>> {
@@ -80,6 +88,7 @@ impl Flights {
                     fingerprint,
                     waiters: AtomicU32::new(0),
                     done: watch::Sender::new(None),
+                    executing: watch::Sender::new(false),
                 });
                 e.insert(flight.clone());
                 Joined::Leader(Leader {
@@ -118,6 +127,11 @@ impl Leader {
     /// Publishes the outcome to every follower and ends the flight. The key is
     /// removed first, so a request that arrives afterwards is not treated as a
     /// held duplicate but goes to the store.
+    /// Tells followers that this leader's request is the one the key holds.
+    pub fn executing(&self) {
+        self.flight.executing.send_replace(true);
+    }
+
     pub fn finish(mut self, shared: Shared) {
         self.finished = true;
         self.flights

@@ -96,6 +96,19 @@ pub fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> Finger
     h.finalize().into()
 }
 
+/// Displays as [`log_hash`] of a record key, computed only when a log event
+/// that names it is actually written (tracing formats fields lazily), so the
+/// request path pays nothing for it when debug logging is off.
+pub struct LogKey<'a>(pub &'a crate::store::RecordKey);
+
+impl std::fmt::Display for LogKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The record key is tenant, NUL, key: the same bytes `log_hash` hashes.
+        let digest = Sha256::digest(self.0.as_bytes());
+        f.write_str(&hex::encode(&digest[..8]))
+    }
+}
+
 /// A short, non-reversible label for logs: the raw key is never logged.
 pub fn log_hash(tenant: &str, key: &str) -> String {
     let mut h = Sha256::new();
@@ -139,6 +152,12 @@ mod tests {
         assert_eq!(from_headers(&h, &name).unwrap().unwrap(), "a");
         h.append(&name, "b".parse().unwrap());
         assert_eq!(from_headers(&h, &name), Err(KeyError::Repeated));
+    }
+
+    #[test]
+    fn lazy_log_key_matches_log_hash() {
+        let rk = crate::store::RecordKey::new("tenant", "key-1");
+        assert_eq!(LogKey(&rk).to_string(), log_hash("tenant", "key-1"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::flight::{Leader, Shared};
+use super::key::LogKey;
 use super::replay::{Replay, IDEMPOTENT_REPLAYED};
 use super::{in_use, reused, Answer, Engine};
 use crate::body::{BoxError, ResponseBody};
@@ -31,7 +32,6 @@ pub(super) struct LeaderTask {
     pub policy: Arc<Policy>,
     pub fingerprint: Option<Fingerprint>,
     pub reply: oneshot::Sender<Answer>,
-    pub log_key: String,
 }
 
 /// The upstream response, read as far as `max_response_body` allows.
@@ -61,7 +61,7 @@ impl LeaderTask {
             let claim = match store.claim(self.leader.key(), &req).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(key = %self.log_key, error = %e, "store claim failed; nothing forwarded");
+                    tracing::error!(key = %LogKey(self.leader.key()), error = %e, "store claim failed; nothing forwarded");
                     let p = Problem::new(
                         Code::StoreUnavailable,
                         "the idempotency store is unavailable; nothing was forwarded",
@@ -71,7 +71,10 @@ impl LeaderTask {
                 }
             };
             match claim {
-                Claim::Acquired => return self.execute(token).await,
+                Claim::Acquired => {
+                    self.leader.executing();
+                    return self.execute(token).await;
+                }
                 Claim::Completed(c) if c.replayable => {
                     let replay = Arc::new(Replay::from_completed(&c));
                     let own = replay.response(now);
@@ -167,9 +170,9 @@ impl LeaderTask {
                 } else {
                     Finish::Lost
                 };
-                tracing::warn!(key = %self.log_key, error = %e, finish = ?how, "upstream exchange failed");
+                tracing::warn!(key = %LogKey(self.leader.key()), error = %e, finish = ?how, "upstream exchange failed");
                 if let Err(se) = store.finish(&key, token, how).await {
-                    tracing::error!(key = %self.log_key, error = %se, "could not record the failed exchange");
+                    tracing::error!(key = %LogKey(self.leader.key()), error = %se, "could not record the failed exchange");
                 }
                 return self.fail(e.problem(), Outcome::upstream_error);
             }
@@ -236,7 +239,7 @@ impl LeaderTask {
     /// claimed (in flight, then lost) so no retry executes it again.
     async fn finish_record(&self, token: Token, how: Finish) {
         if let Err(e) = self.engine.inner.store.finish(self.leader.key(), token, how).await {
-            tracing::error!(key = %self.log_key, error = %e, "could not store the completed response");
+            tracing::error!(key = %LogKey(self.leader.key()), error = %e, "could not store the completed response");
         }
     }
 }

@@ -118,21 +118,33 @@ impl SledStore {
             }
         };
         if claim == Claim::Acquired {
-            self.sync().await?;
+            if let Err(e) = self.sync().await {
+                // Nothing will be forwarded: take the claim back, so the key is
+                // not left in flight (and later "lost") for a request that
+                // never reached the upstream.
+                if let Err(undo) = self.finish_unsynced(key, req.token, &Finish::Release) {
+                    tracing::error!(error = %undo, "could not release a claim whose flush failed");
+                }
+                return Err(e);
+            }
         }
         Ok(claim)
     }
 
     pub async fn finish(&self, key: &RecordKey, token: Token, how: &Finish) -> Result<(), StoreError> {
+        self.finish_unsynced(key, token, how)?;
+        self.sync().await
+    }
+
+    fn finish_unsynced(&self, key: &RecordKey, token: Token, how: &Finish) -> Result<(), StoreError> {
         loop {
             let current = self.records.get(key.as_bytes()).map_err(io)?;
             let existing = current.as_deref().map(decode).transpose()?;
             let update = record::finish(existing.as_ref(), token, how, super::now_ms())?;
             if self.swap(key, current, &update)? {
-                break;
+                return Ok(());
             }
         }
-        self.sync().await
     }
 
     pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
