@@ -975,6 +975,102 @@ async fn expired_key_leaves_a_compact_tombstone() {
     assert_eq!(up.executions_of("/v1/late"), 2);
 }
 
+/// A private CA and a `localhost` server certificate it signed, written to
+/// `dir` as `ca.pem`, `server.pem` and `server.key`.
+fn private_ca(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "idemproxy test Redis CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "localhost");
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), leaf_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), leaf_key.serialize_pem()).unwrap();
+}
+
+/// `rediss://` to a Redis whose certificate a private CA signed: the proxy
+/// trusts the system's roots, so `SSL_CERT_FILE` (read by
+/// rustls-native-certs) is enough; without it the handshake fails and keyed
+/// requests get 503 with nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_from_ssl_cert_file() {
+    let certs = tempfile::tempdir().unwrap();
+    private_ca(certs.path());
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
+    let tls_port = free_port();
+    // The plain port stays open for the test's own redis-cli; the proxy
+    // only gets the TLS one.
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &file("server.pem"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let up = Upstream::start().await;
+    let store = format!("url = \"rediss://localhost:{tls_port}/0\"\nop_timeout = \"500ms\"");
+    let config = redis_config(&up.url(), "5s", &store, "");
+    let c = Client::new();
+
+    // Not trusted: the CA is in no root store the proxy reads.
+    let untrusted = Proxy::try_start_in(Arc::new(tempfile::tempdir().unwrap()), &config, &[]).unwrap();
+    let r = c.post_key(&untrusted.url("/v1/tls"), "tls", "{}").await;
+    assert_eq!(r.code(), "store_unavailable");
+    assert_eq!(
+        c.get(&untrusted.admin_url("/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(up.executions_of("/v1/tls"), 0);
+    let start = Instant::now();
+    while !untrusted.stderr().contains("UnknownIssuer") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the handshake must fail on the certificate: {}",
+            untrusted.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(untrusted);
+
+    let ca = file("ca.pem");
+    let proxy = Proxy::try_start_in(
+        Arc::new(tempfile::tempdir().unwrap()),
+        &config,
+        &[("SSL_CERT_FILE", ca.as_str())],
+    )
+    .unwrap();
+    let start = Instant::now();
+    while c.get(&proxy.admin_url("/readyz")).await.status != StatusCode::OK {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never ready over rediss://: {}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = c.post_key(&proxy.url("/v1/tls"), "tls", "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    assert_eq!(first.replayed(), Some("false"));
+    let replay = c.post_key(&proxy.url("/v1/tls"), "tls", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"));
+    assert_eq!(replay.body, first.body);
+    assert_eq!(up.executions_of("/v1/tls"), 1);
+    // Stored in that Redis, reached over TLS.
+    assert_eq!(redis.cli(&["HGET", &redis_key("idemproxy", "tls"), "s"]).trim(), "c");
+}
+
 #[test]
 fn backend_settings_of_another_backend_are_errors() {
     let dir = tempfile::tempdir().unwrap();
