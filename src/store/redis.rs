@@ -17,16 +17,16 @@
 //! | `e`, `r` | expires_at, retry_at (ms, replica clock) |
 //! | `l` | lease_until (ms, **Redis server clock**; in flight only) |
 //! | `x` | tombstone_until (completed only; 0 = none) |
-//! | `rec` | the whole [`Record::Completed`], [`Record::encode`]d (completed, no tombstone) |
 //!
-//! A completed record with a tombstone (`tombstone_until > expires_at`)
-//! keeps its response in a second key instead, `{key_prefix}:{h}:rec` (same
-//! hash tag, same slot), which Redis expires at `expires_at` while the hash
-//! lives on until `tombstone_until`: an expired key then costs only the small
-//! hash (SPEC §6), not the response. The scripts treat "completed, and past
-//! `expires_at` or its response key gone" as [`Record::Expired`]. Without a
-//! tombstone the hash and the response expire together, so the response
-//! stays in the hash and a record is one key.
+//! A completed record keeps its response (the whole [`Record::Completed`],
+//! [`Record::encode`]d) in a second key, `{key_prefix}:{h}:rec` (same hash
+//! tag, same slot), which Redis expires at `expires_at`, while the hash lives
+//! until `tombstone_until` if that is later: an expired key then costs only
+//! the small hash (SPEC §6), not the response. The scripts treat "completed,
+//! and past `expires_at` or its response key gone" as [`Record::Expired`].
+//! Two keys cost less than one even without a tombstone: a response in a
+//! hash field (longer than `hash-max-listpack-value`, 64 bytes) would turn
+//! the whole hash from a compact listpack into a hash table.
 
 //! # Clocks
 //!
@@ -99,7 +99,7 @@ local function take()
   redis.call('PEXPIRE', key, ARGV[6])
   return {0}
 end
-local h = redis.call('HMGET', key, 's', 'fp', 'b', 'e', 'r', 'l', 'x', 'rec')
+local h = redis.call('HMGET', key, 's', 'fp', 'b', 'e', 'r', 'l', 'x')
 local s = h[1]
 if not s then return take() end
 local gone = tonumber(h[4])
@@ -107,10 +107,11 @@ if s == 'c' then gone = math.max(gone, tonumber(h[7] or '0')) end
 if now >= gone then return take() end
 if ARGV[2] ~= '' and h[2] ~= '' and ARGV[2] ~= h[2] then return {4} end
 if s == 'c' then
-  local rec = h[8]
-  if not rec and now < tonumber(h[4]) then rec = redis.call('GET', KEYS[2]) end
-  if rec then return {2, rec} end
-  return {5, h[2], h[3] or '0', h[7] or '0'}
+  if now < tonumber(h[4]) then
+    local rec = redis.call('GET', KEYS[2])
+    if rec then return {2, rec} end
+  end
+  return {5, h[2], h[3], h[7]}
 end
 if s == 'f' and srv < tonumber(h[6]) then return {1, h[3]} end
 if ARGV[7] == '1' and now >= tonumber(h[5]) then return take() end
@@ -127,8 +128,8 @@ return {3, h[2], h[3], h[4], h[5]}
 /// KEYS[1] record, KEYS[2] its response key. ARGV: 1 token, 2 how (`s`
 /// store, `r` release, `l` lost), 3 channel; with `s`: 4 record, 5 ttl of
 /// the record (ms, until it is gone), 6 fingerprint, 7 expires_at,
-/// 8 tombstone_until, 9 stored_at, 10 where the response goes: `i` into the
-/// hash, else the ttl (ms) of its own key (`0`: already expired, not kept).
+/// 8 tombstone_until, 9 stored_at, 10 ttl of the response (ms; 0: already
+/// expired, not kept).
 /// Returns 1, or 0 when the token no longer owns the key.
 const FINISH_LUA: &str = r"
 local key = KEYS[1]
@@ -137,11 +138,7 @@ if h[1] ~= 'f' or h[2] ~= ARGV[1] then return 0 end
 if ARGV[2] == 's' then
   redis.call('DEL', key, KEYS[2])
   redis.call('HSET', key, 's', 'c', 'fp', ARGV[6], 'b', ARGV[9], 'e', ARGV[7], 'x', ARGV[8])
-  if ARGV[10] == 'i' then
-    redis.call('HSET', key, 'rec', ARGV[4])
-  elseif tonumber(ARGV[10]) > 0 then
-    redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[10])
-  end
+  if tonumber(ARGV[10]) > 0 then redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[10]) end
   redis.call('PEXPIRE', key, ARGV[5])
 elseif ARGV[2] == 'r' then
   redis.call('DEL', key, KEYS[2])
@@ -168,8 +165,9 @@ return 1
 /// response. Returns `{s, t, fp, b, e, r, l, x, rec, server_now}` (absent
 /// fields nil; `rec` nil for a tombstone whose response has expired).
 const READ_LUA: &str = r"
-local h = redis.call('HMGET', KEYS[1], 's', 't', 'fp', 'b', 'e', 'r', 'l', 'x', 'rec')
-if ARGV[1] == '1' and h[1] == 'c' and not h[9] then h[9] = redis.call('GET', KEYS[2]) end
+local h = redis.call('HMGET', KEYS[1], 's', 't', 'fp', 'b', 'e', 'r', 'l', 'x')
+h[9] = false
+if ARGV[1] == '1' and h[1] == 'c' then h[9] = redis.call('GET', KEYS[2]) end
 local t = redis.call('TIME')
 h[10] = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return h
@@ -683,13 +681,6 @@ fn finish_invocation(k: &str, token: Token, how: &Finish, now: u64) -> (ScriptIn
     inv.key(k).key(response_key(k)).arg(token_str(token));
     let stored = match how {
         Finish::Store(c) if gone_at(c) > now => {
-            // With a tombstone the response gets its own key, expiring
-            // before the hash; without one both go at once, in one key.
-            let response = if c.tombstone_until > c.expires_at {
-                c.expires_at.saturating_sub(now).to_string()
-            } else {
-                "i".to_owned()
-            };
             inv.arg("s")
                 .arg(channel(k))
                 .arg(Record::Completed(c.clone()).encode())
@@ -698,7 +689,7 @@ fn finish_invocation(k: &str, token: Token, how: &Finish, now: u64) -> (ScriptIn
                 .arg(c.expires_at)
                 .arg(c.tombstone_until)
                 .arg(c.stored_at)
-                .arg(response);
+                .arg(c.expires_at.saturating_sub(now));
             true
         }
         Finish::Store(_) | Finish::Release => {
@@ -730,7 +721,7 @@ fn channel(redis_key: &str) -> String {
     format!("{redis_key}:changed")
 }
 
-/// Where a record with a tombstone keeps its response (same hash tag).
+/// Where a completed record keeps its response (same hash tag).
 fn response_key(redis_key: &str) -> String {
     format!("{redis_key}:rec")
 }
