@@ -886,6 +886,54 @@ async fn round_trips_per_first_request_and_replay() {
     assert_eq!(sent, ["evalsha"], "one claim returns the stored response");
 }
 
+/// Coalesce-only (`ttl = "0s"`) across replicas: a duplicate on the same
+/// replica shares the original's response; one held on another replica
+/// waits for the original to finish, then executes again (never both at
+/// once); afterwards nothing is left in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesce_only_across_replicas_never_runs_twice_at_once() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let config = redis_config(
+        &up.url(),
+        "5s",
+        &format!("url = \"{}\"", redis.url()),
+        "[idempotency]\nttl = \"0s\"\n",
+    );
+    let proxies = start_replicas(2, &config);
+    let c = Client::new();
+    let url = |i: usize| proxies[i].url("/v1/job?delay=400");
+    let start = Instant::now();
+    let send = |u: String| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let r = c.post_key(&u, "job", "{}").await;
+            (r, start.elapsed())
+        })
+    };
+    let original = send(url(0));
+    up.wait_arrived(1).await;
+    let same = send(url(0));
+    let other = send(url(1));
+    let (original, done) = original.await.unwrap();
+    let (same, _) = same.await.unwrap();
+    let (other, other_done) = other.await.unwrap();
+
+    assert_eq!(original.replayed(), Some("false"));
+    assert_eq!(same.replayed(), Some("true"), "same replica: shares the response");
+    assert_eq!(same.body, original.body);
+    assert_eq!(other.status, StatusCode::CREATED);
+    assert_eq!(other.replayed(), Some("false"), "other replica: executes again");
+    assert_eq!(other.header("x-execution"), Some("2"));
+    assert!(
+        other_done >= done + Duration::from_millis(350),
+        "the second execution started only after the first ended ({done:?}, {other_done:?})"
+    );
+    assert_eq!(up.executions_of("/v1/job"), 2);
+    let keys: u64 = redis.cli(&["DBSIZE"]).trim().parse().unwrap();
+    assert_eq!(keys, 0, "nothing is kept after a coalesce-only request");
+}
+
 /// `MEMORY USAGE` of a Redis key in bytes; 0 when it does not exist.
 fn memory_usage(redis: &RedisServer, key: &str) -> u64 {
     redis.cli(&["MEMORY", "USAGE", key]).trim().parse().unwrap_or(0)
