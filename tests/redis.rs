@@ -1,7 +1,8 @@
 //! The Redis backend (SPEC §5) against real `redis-server` processes: several
 //! proxy replicas on one Redis, a crashed owner, Redis going away and coming
-//! back, a real 3-master Redis Cluster, the owner-token check, `WAIT`, and the
-//! Redis round trips per request.
+//! back, a real 3-master Redis Cluster, the owner-token check, `WAIT`, the
+//! Redis round trips per request, compact tombstones, coalesce-only routes
+//! across replicas, and `rediss://` with a private CA.
 //!
 //! Every test starts its own `redis-server` on a free port in a temp dir
 //! (`apt-get install redis-server redis-tools` provides it).
