@@ -66,7 +66,9 @@ struct Inner {
 
 type Answer = (Response<ResponseBody>, Outcome);
 
-/// What a held duplicate ends with.
+/// What a held duplicate ends with. Returned once per held request and
+/// matched at once, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Followed {
     Answer(Answer),
     /// Its request differs from the one in flight: once that one finished,
