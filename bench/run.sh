@@ -7,13 +7,17 @@
 #                                load average to drop below 0.7
 #
 # Needs: oha (`cargo install oha --locked`), wrk and nginx
-# (`apt-get install -y wrk nginx`), python3, curl, cargo. Nothing is installed
+# (`apt-get install -y wrk nginx`), python3, curl, cargo; tcpdump (optional,
+# root) times the hot-key answers as sent. Nothing is installed
 # by this script. Everything it starts runs as the current user in a temp dir
 # and is killed on exit; every load run is bounded by a duration or a count.
 #
 # Environment: BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_MEM_KEYS
 # (1000000), BENCH_MEM_TTL (300s), BENCH_HOT_N (1000), BENCH_KEEP=1 keeps the
-# temp dir. The report goes to stdout and to bench/results/.
+# temp dir, BENCH_IDEMPROXY_ENV="NAME=VALUE ..." sets variables for idemproxy
+# only (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...), BENCH_PERF=1 profiles the proxy in every load run with perf
+# (flat profiles in bench/results/perf-*.txt; perf costs CPU: not for figures).
+# The report goes to stdout and to bench/results/.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +29,7 @@ for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
         --wait-quiet) WAIT_QUIET=1 ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print } /^set /{ exit }' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -115,6 +119,10 @@ ticks() { # utime + stime of the given pids, in clock ticks
     echo "$total"
 }
 
+busy_ticks() { # all CPUs: everything but idle and iowait, in clock ticks
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+}
+
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 
@@ -133,7 +141,9 @@ IDEM_ADDR=
 IDEM_ADMIN=
 start_idemproxy() { # name conf
     local out="$WORK/$1.out" i line
-    IDEMPROXY_LOG=warn "$ROOT/target/release/idemproxy" run --config "$2" >"$out" 2>"$WORK/$1.err" &
+    # shellcheck disable=SC2086
+    env IDEMPROXY_LOG=warn ${BENCH_IDEMPROXY_ENV:-} "$ROOT/target/release/idemproxy" run --config "$2" \
+        >"$out" 2>"$WORK/$1.err" &
     IDEM_PID=$!
     BG_PIDS+=("$IDEM_PID")
     for i in $(seq 100); do
@@ -177,19 +187,38 @@ print(json.dumps(out))' "$@" >>"$RESULTS"
 measure() {
     local name=$1 tool=$2 proxy_pids=$3 up_pids=$4
     shift 4
-    local out="$WORK/run-$name.out" p0 u0 p1 u1
+    local out="$WORK/run-$name.out" p0 u0 p1 u1 m0 m1
     log "$name: $*"
     # shellcheck disable=SC2086
     p0=$(ticks $proxy_pids)
     # shellcheck disable=SC2086
     u0=$(ticks $up_pids)
+    m0=$(busy_ticks)
+    local perf_pid=
+    if [[ ${BENCH_PERF:-0} == 1 && -n $proxy_pids ]]; then
+        # shellcheck disable=SC2086
+        perf record -q -e cpu-clock -F 999 -g -o "$WORK/perf-$name.data" -p "${proxy_pids// /,}" \
+            >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
     "$@" >"$out" 2>"$WORK/run-$name.err" || die "$name failed: $(tail -5 "$WORK/run-$name.err")"
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        mkdir -p "$HERE/results"
+        {
+            perf report -i "$WORK/perf-$name.data" --no-children --sort dso --stdio -g none 2>/dev/null
+            perf report -i "$WORK/perf-$name.data" --no-children --sort dso,symbol --stdio -g none \
+                --percent-limit 0.4 2>/dev/null
+        } | grep -v '^#' | grep -v '^$' | cut -c1-200 >"$HERE/results/perf-$name.txt" || true
+    fi
     # shellcheck disable=SC2086
     p1=$(ticks $proxy_pids)
     # shellcheck disable=SC2086
     u1=$(ticks $up_pids)
+    m1=$(busy_ticks)
     jline kind=load name="$name" tool="$tool" out@"$out" proxy_ticks=$((p1 - p0)) upstream_ticks=$((u1 - u0)) \
-        has_proxy="$([[ -n $proxy_pids ]] && echo 1 || echo 0)"
+        machine_ticks=$((m1 - m0)) has_proxy="$([[ -n $proxy_pids ]] && echo 1 || echo 0)"
 }
 
 # oha --rand-regex-url treats the whole URL as a pattern with '.' literal (do
@@ -227,7 +256,7 @@ jline kind=meta key=cpu value="$(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "",
 jline kind=meta key=mem value="$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
 jline kind=meta key=kernel value="$(uname -r)"
 jline kind=meta key=versions value="$("$NGINX" -v 2>&1 | sed 's/.*: //'), $(oha --version), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(rustc --version | cut -d' ' -f1-2)"
-jline kind=meta key=settings value="duration $DURATION, $CONC connections, warm-up $WARMUP per target"
+jline kind=meta key=settings value="duration $DURATION, $CONC connections, warm-up $WARMUP per target${BENCH_IDEMPROXY_ENV:+, idemproxy environment: $BENCH_IDEMPROXY_ENV}"
 
 # --- the fast upstream and nginx in front of it ----------------------------------------
 USER_LINE=
@@ -270,8 +299,10 @@ UNIQUE_RE=$(rand_url "$ID_URL/api/u/[a-z0-9]{24}")
 measure unique_interval oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST -d "$BODY" \
     --rand-regex-url "$UNIQUE_RE"
 
+measure wrk_direct wrk "" "$UP_PIDS" env WRK_MODE=plain "${WRK[@]}" "http://127.0.0.1:$UP_PORT/item"
 measure wrk_nginx wrk "$NGX_PIDS" "$UP_PIDS" env WRK_MODE=plain "${WRK[@]}" "http://127.0.0.1:$NGX_PORT/item"
 measure wrk_idemproxy wrk "$IDEM_PID" "$UP_PIDS" env WRK_MODE=plain "${WRK[@]}" "$ID_URL/api/item"
+measure wrk_replay wrk "$IDEM_PID" "$UP_PIDS" env WRK_MODE=replay WRK_KEY="$REPLAY_KEY" "${WRK[@]}" "$ID_URL/api/charge"
 measure wrk_unique_interval wrk "$IDEM_PID" "$UP_PIDS" "${WRK[@]}" "$ID_URL/api/w"
 stop_pid "$IDEM_PID"
 
@@ -297,10 +328,26 @@ wait_port "$SLOW_PORT"
 : >"$WORK/slow-upstream.log"
 start_idemproxy hot "$(idemproxy_conf hot "$SLOW_PORT" always 24h)"
 log "hot key: $HOT_N requests on one key through idemproxy $IDEM_ADDR to a 200 ms upstream"
+# The client's clock says when it read each answer; a capture (if tcpdump
+# may run here) says when the proxy sent it, independently of the client.
+echo '{}' >"$WORK/hot-capture.json"
+TCPDUMP_PID=
+if command -v tcpdump >/dev/null; then
+    tcpdump -i lo -n -s 512 -U -w "$WORK/hot.pcap" "tcp src port ${IDEM_ADDR##*:}" 2>"$WORK/tcpdump.err" &
+    TCPDUMP_PID=$!
+    BG_PIDS+=("$TCPDUMP_PID")
+    for _ in $(seq 50); do grep -q listening "$WORK/tcpdump.err" && break; sleep 0.1; done
+    grep -q listening "$WORK/tcpdump.err" || { log "tcpdump cannot capture here; client-side figures only"; TCPDUMP_PID=; }
+fi
 hp0=$(ticks "$IDEM_PID")
 python3 "$HERE/hotkey.py" 127.0.0.1 "${IDEM_ADDR##*:}" "$HOT_N" "hot-$BENCH_RUN" /api/hot >"$WORK/hotkey.json"
 hp1=$(ticks "$IDEM_PID")
-jline kind=hot out@"$WORK/hotkey.json" proxy_ticks=$((hp1 - hp0)) \
+if [[ -n $TCPDUMP_PID ]]; then
+    sleep 0.5
+    stop_pid "$TCPDUMP_PID"
+    python3 "$HERE/pcap_lag.py" "$WORK/hot.pcap" >"$WORK/hot-capture.json"
+fi
+jline kind=hot out@"$WORK/hotkey.json" capture@"$WORK/hot-capture.json" proxy_ticks=$((hp1 - hp0)) \
     upstream_executions="$(wc -l <"$WORK/slow-upstream.log")" \
     stored="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="stored"}')" \
     coalesced="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="coalesced"}')" \

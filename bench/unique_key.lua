@@ -3,7 +3,8 @@
 -- oha sends the same headers on every request, so this is the header-key
 -- variant of the unique-key scenario. Keys are RUN-THREAD-COUNTER, with RUN
 -- taken from the environment (BENCH_RUN) so two runs never share a key.
--- WRK_MODE=plain sends a keyless GET instead (the wrk pass-through baseline).
+-- WRK_MODE=plain sends a keyless GET instead (the wrk pass-through baseline);
+-- WRK_MODE=replay sends the same POST with the key WRK_KEY every time.
 -- done() prints one JSON line, prefixed "WRK_JSON ", that run.sh parses.
 
 local threads = {}
@@ -17,15 +18,21 @@ end
 
 function init(args)
   run = os.getenv("BENCH_RUN") or tostring(os.time())
-  plain = os.getenv("WRK_MODE") == "plain"
+  mode = os.getenv("WRK_MODE") or "unique"
   n = 0
   body = '{"amount":100,"currency":"EUR"}'
   headers = { ["Content-Type"] = "application/json" }
+  if mode == "plain" then
+    fixed = wrk.format("GET", wrk.path)
+  elseif mode == "replay" then
+    fixed = wrk.format("POST", wrk.path,
+      { ["Content-Type"] = "application/json", ["Idempotency-Key"] = os.getenv("WRK_KEY") }, body)
+  end
 end
 
 function request()
-  if plain then
-    return wrk.format("GET", wrk.path)
+  if fixed then
+    return fixed
   end
   n = n + 1
   headers["Idempotency-Key"] = run .. "-" .. id .. "-" .. n
