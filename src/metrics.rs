@@ -3,15 +3,15 @@
 //! One [`Metrics`] handle is created at start and passed down (no global
 //! registry), so tests can run several proxies in one process.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// How a request ended; the `outcome` label of `idemproxy_requests_total`.
@@ -47,6 +47,100 @@ pub enum Outcome {
     status,
 }
 
+/// A latency histogram of atomic counters. prometheus-client's `Histogram`
+/// takes a write lock on every observation, which would make it the one lock
+/// every request shares; this one is a handful of relaxed atomic adds.
+#[derive(Clone, Debug)]
+pub struct LatencyHistogram(Arc<HistogramInner>);
+
+#[derive(Debug)]
+struct HistogramInner {
+    bounds: &'static [f64],
+    /// Per-bucket (not cumulative) counts; the last one is `+Inf`.
+    counts: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        LatencyHistogram(Arc::new(HistogramInner {
+            bounds,
+            counts,
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .0
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.0.bounds.len());
+        self.0.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_nanos
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let inner = &*self.0;
+        let counts: Vec<u64> = inner.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let buckets: Vec<(f64, u64)> = inner
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(counts.iter().copied())
+            .collect();
+        let sum = inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<()>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+/// Store operations recorded by name; series are created once, up front.
+const STORE_OPS: &[&str] = &[
+    "claim", "finish", "renew", "get", "delete", "sweep", "probe", "wait", "other",
+];
+
+/// Every outcome, in declaration order (`Outcome as usize` indexes it).
+const OUTCOMES: [Outcome; 15] = [
+    Outcome::passthrough,
+    Outcome::stored,
+    Outcome::replayed,
+    Outcome::coalesced,
+    Outcome::conflict,
+    Outcome::mismatch,
+    Outcome::missing_key,
+    Outcome::invalid_key,
+    Outcome::too_large,
+    Outcome::not_stored,
+    Outcome::upstream_error,
+    Outcome::store_error,
+    Outcome::expired,
+    Outcome::invalid_token,
+    Outcome::status,
+];
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: Outcome,
@@ -70,12 +164,14 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
-    requests: Family<OutcomeLabels, Counter>,
-    duration: Histogram,
+    /// One counter per outcome, indexed by `Outcome as usize`: no lookup and
+    /// no lock on the request path.
+    requests: Vec<Counter>,
+    duration: LatencyHistogram,
     inflight: Gauge<i64, AtomicI64>,
     reloads: Family<ResultLabels, Counter>,
-    store_ops: Family<OpLabels, Histogram>,
-    store_errors: Family<OpLabels, Counter>,
+    /// Per store operation (in `STORE_OPS` order): latency and errors.
+    store_ops: Vec<(&'static str, LatencyHistogram, Counter)>,
     swept: Counter,
 }
 
@@ -88,12 +184,13 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<OutcomeLabels, Counter>::default();
-        registry.register("idemproxy_requests", "Requests by how they ended", requests.clone());
-        let buckets = [
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        ];
-        let duration = Histogram::new(buckets.into_iter());
+        let family = Family::<OutcomeLabels, Counter>::default();
+        registry.register("idemproxy_requests", "Requests by how they ended", family.clone());
+        let requests = OUTCOMES
+            .iter()
+            .map(|&outcome| family.get_or_create(&OutcomeLabels { outcome }).clone())
+            .collect();
+        let duration = LatencyHistogram::new(REQUEST_BUCKETS);
         registry.register(
             "idemproxy_request_duration_seconds",
             "Time from request head to response head",
@@ -111,25 +208,30 @@ impl Metrics {
             "Config reloads on SIGHUP by result",
             reloads.clone(),
         );
-        let store_ops = Family::<OpLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(
-                [
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
-                ]
-                .into_iter(),
-            )
-        });
+        let latency =
+            Family::<OpLabels, LatencyHistogram>::new_with_constructor(|| LatencyHistogram::new(STORE_BUCKETS));
         registry.register(
             "idemproxy_store_operation_duration_seconds",
             "Store operation latency by operation",
-            store_ops.clone(),
+            latency.clone(),
         );
-        let store_errors = Family::<OpLabels, Counter>::default();
+        let errors = Family::<OpLabels, Counter>::default();
         registry.register(
             "idemproxy_store_errors",
             "Store operation failures by operation",
-            store_errors.clone(),
+            errors.clone(),
         );
+        let store_ops = STORE_OPS
+            .iter()
+            .map(|&op| {
+                let labels = OpLabels { op };
+                (
+                    op,
+                    latency.get_or_create(&labels).clone(),
+                    errors.get_or_create(&labels).clone(),
+                )
+            })
+            .collect();
         let swept = Counter::default();
         registry.register(
             "idemproxy_store_expired_records",
@@ -144,15 +246,14 @@ impl Metrics {
                 inflight,
                 reloads,
                 store_ops,
-                store_errors,
                 swept,
             }),
         }
     }
 
     pub fn request(&self, outcome: Outcome, elapsed: Duration) {
-        self.inner.requests.get_or_create(&OutcomeLabels { outcome }).inc();
-        self.inner.duration.observe(elapsed.as_secs_f64());
+        self.inner.requests[outcome as usize].inc();
+        self.inner.duration.observe(elapsed);
     }
 
     pub fn inflight(&self) -> &Gauge<i64, AtomicI64> {
@@ -164,13 +265,16 @@ impl Metrics {
         self.inner.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
+    /// Records one store operation. `op` must be one of `STORE_OPS`;
+    /// another name is recorded under "other".
     pub fn store_op(&self, op: &'static str, elapsed: Duration, ok: bool) {
-        self.inner
-            .store_ops
-            .get_or_create(&OpLabels { op })
-            .observe(elapsed.as_secs_f64());
+        let ops = &self.inner.store_ops;
+        let Some((_, latency, errors)) = ops.iter().find(|(name, _, _)| *name == op).or_else(|| ops.last()) else {
+            return;
+        };
+        latency.observe(elapsed);
         if !ok {
-            self.inner.store_errors.get_or_create(&OpLabels { op }).inc();
+            errors.inc();
         }
     }
 
