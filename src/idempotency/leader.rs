@@ -183,20 +183,7 @@ impl LeaderTask {
         match read {
             Read::Complete(body) => {
                 let replay = Arc::new(Replay::new(status, &head.headers, body.clone(), now));
-                let how = if storable {
-                    Finish::Store(Arc::new(Completed {
-                        fingerprint: self.fingerprint,
-                        status: status.as_u16(),
-                        headers: replay.stored_headers(),
-                        body: body.clone(),
-                        replayable: true,
-                        stored_at: now,
-                        expires_at: now + ms(self.policy.ttl),
-                        tombstone_until: tombstone_until(&self.policy, now),
-                    }))
-                } else {
-                    Finish::Release
-                };
+                let how = self.completion(storable, status, Some((replay.stored_headers(), body.clone())), now);
                 let outcome = if storable { Outcome::stored } else { Outcome::not_stored };
                 self.finish_record(token, how).await;
                 let mut own = Response::from_parts(head, ResponseBody::full(body));
@@ -205,20 +192,7 @@ impl LeaderTask {
                 self.done((own, outcome), Shared::Response(replay));
             }
             Read::TooLarge(prefix, rest) => {
-                let how = if storable {
-                    Finish::Store(Arc::new(Completed {
-                        fingerprint: self.fingerprint,
-                        status: status.as_u16(),
-                        headers: Vec::new(),
-                        body: Bytes::new(),
-                        replayable: false,
-                        stored_at: now,
-                        expires_at: now + ms(self.policy.ttl),
-                        tombstone_until: tombstone_until(&self.policy, now),
-                    }))
-                } else {
-                    Finish::Release
-                };
+                let how = self.completion(storable, status, None, now);
                 self.finish_record(token, how).await;
                 let (tx, rx) = mpsc::channel(8);
                 let mut own = Response::from_parts(head, ResponseBody::Channel { rx });
@@ -232,6 +206,33 @@ impl LeaderTask {
                 pump(prefix, rest, tx, deadline).await;
             }
         }
+    }
+
+    /// How to finish a record after a response: keep it (with its headers and
+    /// body when `kept` is given, else only the fact that it was too large to
+    /// replay), or free the key when the status or the route says not to keep.
+    fn completion(
+        &self,
+        storable: bool,
+        status: http::StatusCode,
+        kept: Option<(Vec<(String, Bytes)>, Bytes)>,
+        now: u64,
+    ) -> Finish {
+        if !storable {
+            return Finish::Release;
+        }
+        let replayable = kept.is_some();
+        let (headers, body) = kept.unwrap_or_default();
+        Finish::Store(Arc::new(Completed {
+            fingerprint: self.fingerprint,
+            status: status.as_u16(),
+            headers,
+            body,
+            replayable,
+            stored_at: now,
+            expires_at: now + ms(self.policy.ttl),
+            tombstone_until: tombstone_until(&self.policy, now),
+        }))
     }
 
     /// Finishes the record; a failure is logged, not hidden behind a
