@@ -88,7 +88,7 @@ def pass_of(name):
 
 print("## Results\n")
 print(f"- machine: {meta.get('nproc')} cores ({meta.get('cpu')}), {meta.get('mem')}, Linux {meta.get('kernel')}")
-print(f"- tools: {meta.get('versions')}")
+print(f"- idemproxy: {meta.get('commit')} (release build); tools: {meta.get('versions')}")
 print(f"- settings: {meta.get('settings')}")
 print(f"- load average (1, 5, 15 min) at start: {' '.join(meta.get('load_start', '').split()[:3])}; "
       f"at end: {' '.join(meta.get('load_end', '').split()[:3])}")

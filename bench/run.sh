@@ -16,7 +16,9 @@
 # (1000000), BENCH_MEM_TTL (300s), BENCH_HOT_N (1000), BENCH_KEEP=1 keeps the
 # temp dir, BENCH_IDEMPROXY_ENV="NAME=VALUE ..." sets variables for idemproxy
 # only (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...), BENCH_PERF=1 profiles the proxy in every load run with perf
-# (flat profiles in bench/results/perf-*.txt; perf costs CPU: not for figures).
+# (flat profiles in bench/results/perf-*.txt; perf costs CPU: not for figures;
+# BENCH_PERF_ARGS="--call-graph dwarf" with a debuginfo build for call graphs),
+# BENCH_IDEMPROXY_BIN=PATH runs that binary instead of building target/release.
 # The report goes to stdout and to bench/results/.
 set -euo pipefail
 
@@ -142,7 +144,7 @@ IDEM_ADMIN=
 start_idemproxy() { # name conf
     local out="$WORK/$1.out" i line
     # shellcheck disable=SC2086
-    env IDEMPROXY_LOG=warn ${BENCH_IDEMPROXY_ENV:-} "$ROOT/target/release/idemproxy" run --config "$2" \
+    env IDEMPROXY_LOG=warn ${BENCH_IDEMPROXY_ENV:-} "$IDEMPROXY_BIN" run --config "$2" \
         >"$out" 2>"$WORK/$1.err" &
     IDEM_PID=$!
     BG_PIDS+=("$IDEM_PID")
@@ -197,7 +199,7 @@ measure() {
     local perf_pid=
     if [[ ${BENCH_PERF:-0} == 1 && -n $proxy_pids ]]; then
         # shellcheck disable=SC2086
-        perf record -q -e cpu-clock -F 999 -g -o "$WORK/perf-$name.data" -p "${proxy_pids// /,}" \
+        perf record -q -e cpu-clock -F 999 ${BENCH_PERF_ARGS:--g} -o "$WORK/perf-$name.data" -p "${proxy_pids// /,}" \
             >/dev/null 2>&1 &
         perf_pid=$!
     fi
@@ -247,10 +249,14 @@ if ((WAIT_QUIET)); then
 fi
 
 # --- build -----------------------------------------------------------------------
-log "cargo build --release"
-(cd "$ROOT" && cargo build --release --quiet)
+IDEMPROXY_BIN=${BENCH_IDEMPROXY_BIN:-$ROOT/target/release/idemproxy}
+if [[ -z ${BENCH_IDEMPROXY_BIN:-} ]]; then
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
 
 jline kind=meta key=load_start value="$(cat /proc/loadavg)"
+jline kind=meta key=commit value="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' + uncommitted changes in src')"
 jline kind=meta key=nproc value="$(nproc)"
 jline kind=meta key=cpu value="$(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "", $2); print $2; exit }')"
 jline kind=meta key=mem value="$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
