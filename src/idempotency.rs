@@ -145,6 +145,11 @@ impl Engine {
         let fingerprint = policy.fingerprint.then_some(fp);
         tracing::debug!(key = %key::LogKey(&record_key), method = %parts.method, path = parts.uri.path(), "keyed request");
 
+        // Replays from an embedded store need no coordination: one read.
+        if let Some(c) = self.inner.store.peek_replay(&record_key, fingerprint.as_ref()) {
+            return (replay::Replay::from_completed(&c).response(now_ms()), Outcome::replayed);
+        }
+
         // A follower whose request differs from the flight's waits for it and
         // joins again: the store, not the other request, decides who is right.
         for _ in 0..REJOINS {

@@ -209,6 +209,27 @@ impl Store {
         matches!(self.backend, Backend::Redis(_))
     }
 
+    /// The replayable response stored under `key`, if there is one now, read
+    /// without claiming anything. Embedded stores only: there a read is a
+    /// local lookup, so a replay needs no flight and no task. For Redis this
+    /// would be an extra round trip before every first request, so it answers
+    /// `None` and the claim (which returns the record) does the job.
+    pub fn peek_replay(&self, key: &RecordKey, fingerprint: Option<&Fingerprint>) -> Option<Arc<Completed>> {
+        let record = match &self.backend {
+            Backend::Memory(m) => m.get(key),
+            Backend::Sled(s) => s.get_now(key),
+            Backend::Redis(_) => None,
+        }?;
+        match record.at(now_ms(), self.shared.instance)? {
+            Record::Completed(c)
+                if c.replayable && (fingerprint.is_none() || c.fingerprint.as_ref() == fingerprint) =>
+            {
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
     /// How often the owner must call [`Store::renew`]; `None` = never.
     pub fn renew_every(&self) -> Option<Duration> {
         match &self.backend {

@@ -1,7 +1,5 @@
 //! A response as it is replayed: status, end-to-end headers and body bytes.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AGE, DATE, SET_COOKIE};
 use http::{HeaderMap, Response, StatusCode};
@@ -63,7 +61,7 @@ impl Replay {
     }
 
     /// The response for a held duplicate or a retry.
-    pub fn response(self: &Arc<Self>, now_ms: u64) -> Response<ResponseBody> {
+    pub fn response(&self, now_ms: u64) -> Response<ResponseBody> {
         let mut res = Response::new(ResponseBody::full(self.body.clone()));
         *res.status_mut() = self.status;
         let h = res.headers_mut();
