@@ -29,7 +29,7 @@ GROUPS = [
     ("upstream client (hyper-util legacy Client)", [r"hyper_util::client::legacy"]),
     ("server connection (hyper h1 server dispatch)", [r"hyper::proto::h1::dispatch::Dispatcher<.*Server", r"dispatch::Server"]),
     ("metrics (prometheus-client)", [r"prometheus_client", r"metrics::Metrics"]),
-    ("tracing spans", [r"tracing::instrument", r"tracing_core", r"tracing::span"]),
+    ("tracing (span enter/exit, events)", [r"tracing_core::", r"tracing::span::", r"tracing_subscriber::"]),
     ("timers (tokio time)", [r"tokio::runtime::time", r"tokio::time::"]),
     ("syscall: writev/sendmsg (socket writes)", [r"__GI___writev", r"\bwritev\b", r"__send\b", r"sendmsg"]),
     ("syscall: read/recv (socket reads)", [r"__GI___libc_read\b", r"\brecv\b", r"__libc_recv", r"recvfrom"]),

@@ -3,8 +3,9 @@
 #
 #   bench/run.sh                 the full run (about 10 minutes)
 #   bench/run.sh --quick         2-second runs and 50k keys: checks the harness
-#   bench/run.sh --wait-quiet    first waits (at most 40 min) for the 1-minute
-#                                load average to drop below 0.7
+#   bench/run.sh --wait-quiet    after building, waits (at most 40 min) for
+#                                the 1-minute load average to drop below 0.7
+#   bench/run.sh --only=throughput,hotkey,memory   a subset of the scenarios
 #
 # Needs: oha (`cargo install oha --locked`), wrk and nginx
 # (`apt-get install -y wrk nginx`), python3, curl, cargo; tcpdump (optional,
@@ -13,9 +14,10 @@
 # and is killed on exit; every load run is bounded by a duration or a count.
 #
 # Environment: BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_MEM_KEYS
-# (1000000), BENCH_MEM_TTL (300s), BENCH_HOT_N (1000), BENCH_KEEP=1 keeps the
+# (1000000), BENCH_MEM_TTL (150s: must exceed the time to store them), BENCH_HOT_N (1000), BENCH_KEEP=1 keeps the
 # temp dir, BENCH_IDEMPROXY_ENV="NAME=VALUE ..." sets variables for idemproxy
-# only (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...), BENCH_PERF=1 profiles the proxy in every load run with perf
+# only (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...), BENCH_SLED_CACHE (64MiB,
+# the default store.cache_capacity), BENCH_PERF=1 profiles the proxy in every load run with perf
 # (flat profiles in bench/results/perf-*.txt; perf costs CPU: not for figures;
 # BENCH_PERF_ARGS="--call-graph dwarf" with a debuginfo build for call graphs),
 # BENCH_IDEMPROXY_BIN=PATH runs that binary instead of building target/release.
@@ -27,8 +29,10 @@ ROOT=$(dirname "$HERE")
 
 QUICK=0
 WAIT_QUIET=0
+ONLY=throughput,hotkey,memory
 for arg in "$@"; do
     case $arg in
+        --only=*) ONLY=${arg#--only=} ;;
         --quick) QUICK=1 ;;
         --wait-quiet) WAIT_QUIET=1 ;;
         -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print } /^set /{ exit }' "$0"; exit 0 ;;
@@ -43,7 +47,7 @@ if ((QUICK)); then
 else
     DURATION=${BENCH_DURATION:-10s}
     MEM_KEYS=${BENCH_MEM_KEYS:-1000000}
-    MEM_TTL=${BENCH_MEM_TTL:-300s}
+    MEM_TTL=${BENCH_MEM_TTL:-150s}
 fi
 CONC=${BENCH_CONNECTIONS:-50}
 HOT_N=${BENCH_HOT_N:-1000}
@@ -51,6 +55,7 @@ SWEEP=5s
 WARMUP=1s
 BODY='{"amount":100,"currency":"EUR"}'
 
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -166,7 +171,7 @@ stop_pid() {
 # idemproxy_conf NAME UPSTREAM_PORT SYNC TTL -> path of the config
 idemproxy_conf() {
     local conf="$WORK/$1.toml"
-    template "$HERE/idemproxy.toml.in" "$conf" UPSTREAM_PORT="$2" DATA="$WORK/data-$1" SYNC="$3" TTL="$4" SWEEP="$SWEEP"
+    template "$HERE/idemproxy.toml.in" "$conf" UPSTREAM_PORT="$2" DATA="$WORK/data-$1" SYNC="$3" TTL="$4" SWEEP="$SWEEP" CACHE="${BENCH_SLED_CACHE:-64MiB}"
     echo "$conf"
 }
 
@@ -238,6 +243,13 @@ OHA=(oha --no-tui --output-format json -c "$CONC")
 WRK=(wrk -t2 -c "$CONC" -d "$DURATION" -s "$HERE/unique_key.lua")
 export BENCH_RUN="r$(date +%s)"
 
+# --- build -----------------------------------------------------------------------
+IDEMPROXY_BIN=${BENCH_IDEMPROXY_BIN:-$ROOT/target/release/idemproxy}
+if [[ -z ${BENCH_IDEMPROXY_BIN:-} ]]; then
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
+
 # --- wait for a quiet machine --------------------------------------------------
 if ((WAIT_QUIET)); then
     for i in $(seq 80); do
@@ -248,13 +260,6 @@ if ((WAIT_QUIET)); then
     done
 fi
 
-# --- build -----------------------------------------------------------------------
-IDEMPROXY_BIN=${BENCH_IDEMPROXY_BIN:-$ROOT/target/release/idemproxy}
-if [[ -z ${BENCH_IDEMPROXY_BIN:-} ]]; then
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet)
-fi
-
 jline kind=meta key=load_start value="$(cat /proc/loadavg)"
 jline kind=meta key=commit value="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' + uncommitted changes in src')"
 jline kind=meta key=nproc value="$(nproc)"
@@ -262,7 +267,7 @@ jline kind=meta key=cpu value="$(lscpu | awk -F: '/Model name/ { gsub(/^ +/, "",
 jline kind=meta key=mem value="$(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
 jline kind=meta key=kernel value="$(uname -r)"
 jline kind=meta key=versions value="$("$NGINX" -v 2>&1 | sed 's/.*: //'), $(oha --version), $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(rustc --version | cut -d' ' -f1-2)"
-jline kind=meta key=settings value="duration $DURATION, $CONC connections, warm-up $WARMUP per target${BENCH_IDEMPROXY_ENV:+, idemproxy environment: $BENCH_IDEMPROXY_ENV}"
+jline kind=meta key=settings value="duration $DURATION, $CONC connections, warm-up $WARMUP per target, sled cache_capacity ${BENCH_SLED_CACHE:-64MiB}${BENCH_IDEMPROXY_ENV:+, idemproxy environment: $BENCH_IDEMPROXY_ENV}"
 
 # --- the fast upstream and nginx in front of it ----------------------------------------
 USER_LINE=
@@ -279,6 +284,7 @@ UP_PIDS="$UP_MASTER $(children "$UP_MASTER" | tr '\n' ' ')"
 NGX_PIDS="$NGX_MASTER $(children "$NGX_MASTER" | tr '\n' ' ')"
 log "upstream nginx on :$UP_PORT (pids $UP_PIDS), proxy nginx on :$NGX_PORT (pids $NGX_PIDS)"
 
+if want throughput; then
 # --- idemproxy, sync = interval ------------------------------------------------------------
 start_idemproxy interval "$(idemproxy_conf interval "$UP_PORT" interval 24h)"
 log "idemproxy (sync = interval) on $IDEM_ADDR, admin $IDEM_ADMIN, pid $IDEM_PID"
@@ -325,6 +331,9 @@ measure wrk_unique_always wrk "$IDEM_PID" "$UP_PIDS" "${WRK[@]}" "$ID_URL/api/w"
 jline kind=meta key=always_flushes value="$(metric "$IDEM_ADMIN" 'idemproxy_store_operation_duration_seconds_count{op="finish"}')"
 stop_pid "$IDEM_PID"
 
+fi
+
+if want hotkey; then
 # --- hot key: HOT_N concurrent requests, one fresh key, a 200 ms upstream ---------------------
 SLOW_PORT=$(free_port)
 python3 "$HERE/slow_upstream.py" "$SLOW_PORT" "$WORK/slow-upstream.log" 0.2 >"$WORK/slow-upstream.out" 2>&1 &
@@ -362,6 +371,9 @@ jline kind=hot out@"$WORK/hotkey.json" capture@"$WORK/hot-capture.json" proxy_ti
 stop_pid "$IDEM_PID"
 stop_pid "$SLOW_PID"
 
+fi
+
+if want memory; then
 # --- memory: MEM_KEYS stored responses, then expiry -----------------------------------------------
 start_idemproxy mem "$(idemproxy_conf mem "$UP_PORT" interval "$MEM_TTL")"
 sleep 1
@@ -395,6 +407,8 @@ jline kind=mem keys="$MEM_KEYS" stored="$stored" store_secs="$store_secs" ttl="$
     rss_stored="$rss1" rss_expired="$rss2" hwm="$(hwm_kib "$IDEM_PID")" swept="$swept" swept_before_end="$expired_early" \
     waited_after_store="$waited" disk_stored_kib="$disk1" disk_expired_kib="$disk2"
 stop_pid "$IDEM_PID"
+
+fi
 
 jline kind=meta key=load_end value="$(cat /proc/loadavg)"
 
