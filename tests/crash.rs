@@ -54,17 +54,6 @@ async fn try_post(c: &RawClient, url: &str, key: &str, body: &str) -> Result<Res
     })
 }
 
-/// `GET /v1/records`: the JSON record, or `None` on 404.
-async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<serde_json::Value> {
-    let r = c
-        .get(&p.admin_url(&format!("/v1/records?tenant={tenant}&key={key}")))
-        .await;
-    match r.status {
-        StatusCode::OK => Some(r.json()),
-        StatusCode::NOT_FOUND => None,
-        s => panic!("records API answered {s}: {:?}", r.body),
-    }
-}
 
 async fn stop(proxy: &mut Proxy) {
     proxy.signal(Signal::SIGTERM);

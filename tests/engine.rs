@@ -47,17 +47,6 @@ fn execution(r: &Resp) -> u64 {
     r.json()["execution"].as_u64().expect("an upstream body")
 }
 
-/// `GET /v1/records`: the JSON record, or `None` on 404.
-async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<serde_json::Value> {
-    let r = c
-        .get(&p.admin_url(&format!("/v1/records?tenant={tenant}&key={key}")))
-        .await;
-    match r.status {
-        StatusCode::OK => Some(r.json()),
-        StatusCode::NOT_FOUND => None,
-        s => panic!("records API answered {s}: {:?}", r.body),
-    }
-}
 
 async fn delete_record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> StatusCode {
     c.send(

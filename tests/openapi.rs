@@ -160,9 +160,26 @@ fn components_alone_and_bad_input() {
     assert!(err.contains("missing.yaml"), "{err}");
 }
 
+/// The schemathesis command: on PATH, else in Python's scripts directory
+/// (where pip put it, when no shim or PATH entry points there).
+fn schemathesis_bin() -> std::path::PathBuf {
+    let on_path = Command::new("schemathesis")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return "schemathesis".into();
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .expect("python3 runs");
+    Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("schemathesis")
+}
+
 /// Runs schemathesis (PyPI; installed by scripts/test) against a live proxy.
 fn schemathesis(base: &str, path_filter: &[&str]) {
-    let out = Command::new("schemathesis")
+    let out = Command::new(schemathesis_bin())
         .args([
             "run",
             concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"),
