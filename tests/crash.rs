@@ -54,7 +54,6 @@ async fn try_post(c: &RawClient, url: &str, key: &str, body: &str) -> Result<Res
     })
 }
 
-
 async fn stop(proxy: &mut Proxy) {
     proxy.signal(Signal::SIGTERM);
     let status = proxy.wait_exit(Duration::from_secs(15)).await;

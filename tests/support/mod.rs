@@ -703,7 +703,9 @@ async fn send_stream_with(
 
 /// `GET /v1/records`: the JSON record, or `None` on 404.
 pub async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<serde_json::Value> {
-    let r = c.get(&p.admin_url(&format!("/v1/records?tenant={tenant}&key={key}"))).await;
+    let r = c
+        .get(&p.admin_url(&format!("/v1/records?tenant={tenant}&key={key}")))
+        .await;
     match r.status {
         StatusCode::OK => Some(r.json()),
         StatusCode::NOT_FOUND => None,
