@@ -47,7 +47,6 @@ fn execution(r: &Resp) -> u64 {
     r.json()["execution"].as_u64().expect("an upstream body")
 }
 
-
 async fn delete_record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> StatusCode {
     c.send(
         Method::DELETE,
