@@ -7,21 +7,25 @@
 #                                the 1-minute load average to drop below 0.7
 #   bench/run.sh --only=throughput,hotkey,memory   a subset of the scenarios
 #
-# Needs: oha (`cargo install oha --locked`), wrk and nginx
-# (`apt-get install -y wrk nginx`), python3, curl, cargo; tcpdump (optional,
-# root) times the hot-key answers as sent. Nothing is installed
-# by this script. Everything it starts runs as the current user in a temp dir
-# and is killed on exit; every load run is bounded by a duration or a count.
+# Needs: oha (`cargo install oha --locked`), wrk and nginx (`apt-get install
+# -y wrk nginx`), python3, curl, cargo; tcpdump (optional, root) times the
+# hot-key answers as sent. Nothing is installed by this script. Everything it
+# starts runs as the current user in a temp dir and is killed on exit; every
+# load run is bounded by a duration or a count.
 #
-# Environment: BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_MEM_KEYS
-# (1000000), BENCH_MEM_TTL (150s: must exceed the time to store them), BENCH_HOT_N (1000), BENCH_KEEP=1 keeps the
-# temp dir, BENCH_IDEMPROXY_ENV="NAME=VALUE ..." sets variables for idemproxy
-# only (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...), BENCH_SLED_CACHE (64MiB,
-# the default store.cache_capacity), BENCH_PERF=1 profiles the proxy in every load run with perf
-# (flat profiles in bench/results/perf-*.txt; perf costs CPU: not for figures;
-# BENCH_PERF_ARGS="--call-graph dwarf" with a debuginfo build for call graphs),
-# BENCH_IDEMPROXY_BIN=PATH runs that binary instead of building target/release.
-# The report goes to stdout and to bench/results/.
+# Environment:
+#   BENCH_DURATION (10s), BENCH_CONNECTIONS (50), BENCH_HOT_N (1000)
+#   BENCH_MEM_KEYS (1000000), BENCH_MEM_TTL (150s; must exceed the storing time)
+#   BENCH_SLED_CACHE (64MiB, the default store.cache_capacity)
+#   BENCH_IDEMPROXY_ENV="NAME=VALUE ..."  variables for idemproxy only
+#                      (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...)
+#   BENCH_IDEMPROXY_BIN=PATH  run that binary instead of building target/release
+#   BENCH_PERF=1       perf-profile the proxy in every load run (flat profiles in
+#                      bench/results/perf-*.txt; perf costs CPU: not for figures)
+#   BENCH_PERF_ARGS    perf record options (-g; "--call-graph dwarf" with a
+#                      build that has line tables); see bench/perf_frames.py
+#   BENCH_KEEP=1       keep the temp dir
+# The report goes to stdout and to bench/results/ (git-ignored).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
