@@ -288,7 +288,9 @@ async fn read_up_to(
     }
     Ok(Read::Complete(match chunks.len() {
         0 => Bytes::new(),
-        1 => chunks.pop().expect("one chunk"),
+        // Copy even a single chunk: it is a slice of hyper's read buffer, and
+        // keeping it in the store would keep that whole buffer alive.
+        1 => Bytes::copy_from_slice(&chunks[0]),
         _ => {
             let mut buf = BytesMut::with_capacity(total);
             chunks.iter().for_each(|c| buf.extend_from_slice(c));
