@@ -186,7 +186,16 @@ fn schemathesis(base: &str, path_filter: &[&str]) {
             "--url",
             base,
         ])
-        .args(["--checks", "all", "--max-examples", "25", "--seed", "1"])
+        .args([
+            "--checks",
+            "all",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--generation-database",
+            "none",
+        ])
         // Stateful links would feed one operation's output into another's
         // path; the two listeners here are tested separately instead.
         .args(["--phases", "examples,coverage,fuzzing"])

@@ -60,6 +60,21 @@ pub fn parse(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     })
 }
 
+/// A key given verbatim (a URL path segment, not a header): 1 to 255
+/// visible ASCII characters, with no sf-string unquoting.
+pub fn verbatim(raw: &[u8]) -> Result<&str, KeyError> {
+    if raw.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if raw.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(KeyError::BadCharacter);
+    }
+    Ok(std::str::from_utf8(raw).expect("visible ASCII is UTF-8"))
+}
+
 /// The inside of an sf-string: only `\"` and `\\` are escapes (RFC 8941 §3.3.3).
 fn unquote(inner: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
     if !inner.contains(&b'\\') {
@@ -141,6 +156,15 @@ mod tests {
         assert_eq!(parse(&[b'k'; 256]), Err(KeyError::TooLong));
         assert_eq!(parse(&[b'k'; 255]).unwrap().len(), 255);
         assert_eq!(parse("é".as_bytes()), Err(KeyError::BadCharacter));
+    }
+
+    #[test]
+    fn verbatim_keys_are_not_unquoted() {
+        assert_eq!(verbatim(b"\"").unwrap(), "\"");
+        assert_eq!(verbatim(b"\"abc\"").unwrap(), "\"abc\"");
+        assert_eq!(verbatim(b""), Err(KeyError::Empty));
+        assert_eq!(verbatim(b"a b"), Err(KeyError::BadCharacter));
+        assert_eq!(verbatim(&[b'k'; 256]), Err(KeyError::TooLong));
     }
 
     #[test]

@@ -52,8 +52,9 @@ pub async fn answer<B>(engine: &Engine, policy: &Policy, req: &Request<B>, rest:
             Outcome::invalid_key,
         );
     };
-    let key = match key::parse(decoded.as_bytes()) {
-        Ok(k) => k.into_owned(),
+    // The path segment is the key itself: sf-string quoting is header syntax.
+    let key = match key::verbatim(decoded.as_bytes()) {
+        Ok(k) => k.to_owned(),
         Err(e) => {
             return fail(
                 Problem::new(Code::IdempotencyKeyInvalid, e.to_string()),
