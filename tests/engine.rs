@@ -336,10 +336,7 @@ async fn held_duplicate_gets_the_same_response() {
     let proxy = Proxy::start(&config(&up.url(), ""));
     let c = Client::new();
     let url = proxy.url("/v1/orders?delay=600");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "held", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "held", "{}");
     up.wait_arrived(1).await;
     let dup = c.post_key(&url, "held", "{}").await;
     let first = first.await.unwrap();
@@ -359,10 +356,7 @@ async fn duplicate_waiting_longer_than_wait_timeout_is_409() {
     let c = Client::new();
     // The upstream holds its answer until the gate opens.
     let url = proxy.url("/v1/orders?gate=1");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "slow", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "slow", "{}");
     up.wait_arrived(1).await;
     let dup = c.post_key(&url, "slow", "{}").await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
@@ -387,10 +381,7 @@ async fn wait_timeout_zero_never_waits() {
     let proxy = Proxy::start(&config(&up.url(), "[idempotency]\nwait_timeout = \"0s\"\n"));
     let c = Client::new();
     let url = proxy.url("/v1/orders?gate=1");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "nowait", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "nowait", "{}");
     up.wait_arrived(1).await;
     let dup = c.post_key(&url, "nowait", "{}").await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
@@ -504,10 +495,7 @@ async fn mismatch_while_in_flight_is_422() {
     let proxy = Proxy::start(&config(&up.url(), ""));
     let c = Client::new();
     let url = proxy.url("/v1/orders?gate=1");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "flying", "one").await }
-    });
+    let first = c.spawn_post_key(&url, "flying", "one");
     up.wait_arrived(1).await;
     let other = c.post_key(&url, "flying", "two").await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -537,10 +525,7 @@ async fn non_storable_status_is_delivered_and_frees_the_key() {
     let c = Client::new();
     // 500, with a duplicate held while it runs.
     let url = proxy.url("/v1/orders?status=500&delay=600");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "e500", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "e500", "{}");
     up.wait_arrived(1).await;
     let held = c.post_key(&url, "e500", "{}").await;
     let first = first.await.unwrap();
@@ -603,10 +588,7 @@ async fn upstream_timeout_then_outcome_unknown_with_reject() {
     let proxy = Proxy::start(&conf(&up.url(), "500ms", "", ""));
     let c = Client::new();
     let url = proxy.url("/v1/orders?hang=1");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "hung", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "hung", "{}");
     up.wait_arrived(1).await;
     let held = c.post_key(&url, "hung", "{}").await;
     let first = first.await.unwrap();
@@ -668,10 +650,7 @@ async fn more_than_max_waiters_is_409() {
     let proxy = Proxy::start(&config(&up.url(), "[idempotency]\nmax_waiters = 2\n"));
     let c = Client::new();
     let url = proxy.url("/v1/orders?gate=1");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "crowd", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "crowd", "{}");
     up.wait_arrived(1).await;
     let mut dups = tokio::task::JoinSet::new();
     for _ in 0..5 {
@@ -1222,10 +1201,7 @@ async fn records_api_states_and_delete() {
 
     // in_flight while the upstream works.
     let url = proxy.url("/v1/orders?gate=1");
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post_key(&url, "rec", "{}").await }
-    });
+    let first = c.spawn_post_key(&url, "rec", "{}");
     up.wait_arrived(1).await;
     let rec = record(&c, &proxy, "anonymous", "rec").await.unwrap();
     assert_eq!(rec["state"], "in_flight");

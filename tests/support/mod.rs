@@ -552,6 +552,12 @@ impl Client {
         self.send(Method::GET, url, &[], Bytes::new()).await
     }
 
+    /// POST with an idempotency key, in the background (to hold it in flight).
+    pub fn spawn_post_key(&self, url: &str, key: &str, body: &str) -> tokio::task::JoinHandle<Resp> {
+        let (c, url, key, body) = (self.clone(), url.to_owned(), key.to_owned(), body.to_owned());
+        tokio::spawn(async move { c.post_key(&url, &key, &body).await })
+    }
+
     /// POST with an idempotency key.
     pub async fn post_key(&self, url: &str, key: &str, body: &str) -> Resp {
         self.send(
