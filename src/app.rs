@@ -103,10 +103,6 @@ impl App {
         })
     }
 
-    pub fn proxy(&self) -> &Proxy {
-        &self.proxy
-    }
-
     /// Serves until `shutdown` resolves, then drains within
     /// `server.shutdown_grace` and flushes the store.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {

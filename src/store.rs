@@ -22,7 +22,7 @@ pub mod record;
 pub mod redis;
 pub mod sled;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,24 +75,6 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Health as last observed; `/readyz` reports it.
-#[derive(Debug)]
-pub struct Health(AtomicBool);
-
-impl Health {
-    pub fn observe<T>(&self, r: &Result<T, StoreError>) {
-        match r {
-            Err(StoreError::NotOwner(_)) => {}
-            Err(_) => self.0.store(false, Ordering::Relaxed),
-            Ok(_) => self.0.store(true, Ordering::Relaxed),
-        }
-    }
-
-    pub fn is_ok(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 #[derive(Clone)]
 enum Backend {
     Memory(memory::MemoryStore),
@@ -111,7 +93,6 @@ struct Shared {
     /// Random per process start: tells this process's claims from a dead one's.
     instance: u64,
     seq: AtomicU64,
-    health: Health,
     metrics: Metrics,
 }
 
@@ -133,7 +114,6 @@ impl Store {
             shared: Arc::new(Shared {
                 instance: rand::random::<u64>() | 1,
                 seq: AtomicU64::new(1),
-                health: Health(AtomicBool::new(true)),
                 metrics,
             }),
         })
@@ -147,17 +127,12 @@ impl Store {
         }
     }
 
-    pub fn instance(&self) -> u64 {
-        self.shared.instance
-    }
-
     fn observe<T>(
         &self,
         op: &'static str,
         start: std::time::Instant,
         r: Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.shared.health.observe(&r);
         self.shared.metrics.store_op(
             op,
             start.elapsed(),
@@ -321,10 +296,6 @@ impl Store {
             Backend::Memory(_) | Backend::Redis(_) => Ok(()),
             Backend::Sled(s) => s.flush().await,
         }
-    }
-
-    pub fn healthy(&self) -> bool {
-        self.shared.health.is_ok()
     }
 
     /// Runs the expiry sweeper every `every` until the store is dropped

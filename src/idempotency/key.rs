@@ -45,15 +45,7 @@ pub fn parse(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
         [b'"', ..] => return Err(KeyError::BadQuoting),
         _ => Cow::Borrowed(raw),
     };
-    if key.is_empty() {
-        return Err(KeyError::Empty);
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(KeyError::TooLong);
-    }
-    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
-        return Err(KeyError::BadCharacter);
-    }
+    check(&key)?;
     Ok(match key {
         Cow::Borrowed(b) => Cow::Borrowed(std::str::from_utf8(b).expect("visible ASCII is UTF-8")),
         Cow::Owned(v) => Cow::Owned(String::from_utf8(v).expect("visible ASCII is UTF-8")),
@@ -63,16 +55,23 @@ pub fn parse(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
 /// A key given verbatim (a URL path segment, not a header): 1 to 255
 /// visible ASCII characters, with no sf-string unquoting.
 pub fn verbatim(raw: &[u8]) -> Result<&str, KeyError> {
-    if raw.is_empty() {
+    check(raw)?;
+    Ok(std::str::from_utf8(raw).expect("visible ASCII is UTF-8"))
+}
+
+/// What makes a key a key, after any unquoting: 1 to 255 visible ASCII
+/// characters.
+fn check(key: &[u8]) -> Result<(), KeyError> {
+    if key.is_empty() {
         return Err(KeyError::Empty);
     }
-    if raw.len() > MAX_KEY_LEN {
+    if key.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong);
     }
-    if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
         return Err(KeyError::BadCharacter);
     }
-    Ok(std::str::from_utf8(raw).expect("visible ASCII is UTF-8"))
+    Ok(())
 }
 
 /// The inside of an sf-string: only `\"` and `\\` are escapes (RFC 8941 §3.3.3).
