@@ -141,26 +141,28 @@ read -r PT PT99 <<<"$(wrk_rate plain "$CONC" "$SLED")"
 row "idemproxy pass-through" "$PT" "$PT99" "1.00×"
 ratio() { python3 -c "print(f'{$1 / $PT:.2f}×')"; }
 
-log "unique keys, sled (interval)"
-read -r v p <<<"$(wrk_rate unique "$CONC" "$SLED")"; row "unique keys, sled sync=interval, 1 proxy" "$v" "$p" "$(ratio "$v")"
-log "unique keys, redis, 1 proxy"
-before=$(evalsha_calls)
-read -r v p <<<"$(wrk_rate unique "$CONC" "$R1")"; row "unique keys, Redis, 1 proxy" "$v" "$p" "$(ratio "$v")"
-after=$(evalsha_calls)
-REQS=$(python3 -c "print(round($v * float('${DURATION%s}')))")
-UNIQUE_RT=$(python3 -c "print(f'{($after - $before) / max($REQS, 1):.2f}')")
-log "unique keys, redis, 3 proxies"
-read -r v p <<<"$(wrk_rate unique $((CONC / 3)) "$R1" "$R2" "$R3")"; row "unique keys, Redis, 3 proxies (sum)" "$v" "$p" "$(ratio "$v")"
-log "replay, sled"
-read -r v p <<<"$(wrk_rate replay "$CONC" "$SLED")"; row "replay, sled, 1 proxy" "$v" "$p" "$(ratio "$v")"
-log "replay, redis, 1 proxy"
-before=$(evalsha_calls)
-read -r v p <<<"$(wrk_rate replay "$CONC" "$R1")"; row "replay, Redis, 1 proxy" "$v" "$p" "$(ratio "$v")"
-after=$(evalsha_calls)
-REQS=$(python3 -c "print(round($v * float('${DURATION%s}')))")
-REPLAY_RT=$(python3 -c "print(f'{($after - $before) / max($REQS, 1):.2f}')")
-log "replay, redis, 3 proxies"
-read -r v p <<<"$(wrk_rate replay $((CONC / 3)) "$R1" "$R2" "$R3")"; row "replay, Redis, 3 proxies (sum)" "$v" "$p" "$(ratio "$v")"
+# scenario LABEL MODE CONNECTIONS ADDR...: one table row; sets RT to the
+# Redis round trips per request it caused (EVALSHA calls / requests).
+scenario() {
+    local label=$1 mode=$2 conns=$3 before after v p reqs
+    shift 3
+    log "$label"
+    before=$(evalsha_calls)
+    read -r v p <<<"$(wrk_rate "$mode" "$conns" "$@")"
+    after=$(evalsha_calls)
+    row "$label" "$v" "$p" "$(ratio "$v")"
+    reqs=$(python3 -c "print(round($v * float('${DURATION%s}')))")
+    RT=$(python3 -c "print(f'{($after - $before) / max($reqs, 1):.2f}')")
+}
+
+scenario "unique keys, sled sync=interval, 1 proxy" unique "$CONC" "$SLED"
+scenario "unique keys, Redis, 1 proxy" unique "$CONC" "$R1"
+UNIQUE_RT=$RT
+scenario "unique keys, Redis, 3 proxies (sum)" unique $((CONC / 3)) "$R1" "$R2" "$R3"
+scenario "replay, sled, 1 proxy" replay "$CONC" "$SLED"
+scenario "replay, Redis, 1 proxy" replay "$CONC" "$R1"
+REPLAY_RT=$RT
+scenario "replay, Redis, 3 proxies (sum)" replay $((CONC / 3)) "$R1" "$R2" "$R3"
 
 echo "## Redis backend next to sled ($(date -u +%F), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -c$CONC -d$DURATION)"
 echo
