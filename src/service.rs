@@ -65,22 +65,28 @@ impl Proxy {
                 request_id(inner, &req),
             )
         });
-        let rules = inner.rules.load_full();
         let (res, outcome, route) = if let Some(rest) = self.status_key(&req) {
-            let answer = status::answer(&inner.engine, &rules.defaults, &req, rest).await;
+            let defaults = inner.rules.load().defaults.clone();
+            let answer = status::answer(&inner.engine, &defaults, &req, rest).await;
             // The path holds the raw key, which is never logged: show its hash.
             if let (Some((_, path, _)), Some(prefix)) = (head.as_mut(), inner.status_prefix.as_deref()) {
                 *path = format!("{prefix}{}", answer.log_key.as_deref().unwrap_or("-"));
             }
             (answer.response, answer.outcome, None)
         } else {
-            match rules.route_for(req.method(), req.uri().path()) {
+            // Only the matched policy is cloned out of the rules: the guard
+            // itself costs no shared reference count and ends here.
+            let matched = inner
+                .rules
+                .load()
+                .route_for(req.method(), req.uri().path())
+                .map(|(index, policy)| (index, policy.clone()));
+            match matched {
                 None => {
                     let (res, outcome) = inner.upstream.forward(req, &conn).await;
                     (res, outcome, None)
                 }
                 Some((index, policy)) => {
-                    let policy = policy.clone();
                     let (res, outcome) = inner.engine.handle(req, conn, policy).await;
                     (res, outcome, index)
                 }
