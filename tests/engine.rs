@@ -1046,8 +1046,14 @@ tenant = { from = "none" }
     assert_eq!((execution(&a), execution(&g), execution(&none)), (1, 2, 3));
     assert_eq!(a2.body, a.body);
     assert_eq!(a2.replayed(), Some("true"));
-    assert_eq!(record(&c, &proxy, "acme", "k").await.unwrap()["state"], "completed");
-    assert_eq!(record(&c, &proxy, "globex", "k").await.unwrap()["state"], "completed");
+    assert_eq!(
+        record(&c, &proxy, "header:acme", "k").await.unwrap()["state"],
+        "completed"
+    );
+    assert_eq!(
+        record(&c, &proxy, "header:globex", "k").await.unwrap()["state"],
+        "completed"
+    );
     assert_eq!(
         record(&c, &proxy, "anonymous", "k").await.unwrap()["state"],
         "completed"

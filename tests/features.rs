@@ -334,7 +334,10 @@ async fn jwt_hs256_tenant_is_the_subject() {
     );
     assert_eq!(retry.body, first.body);
     assert_eq!(up.executions(), 1);
-    assert_eq!(record(&c, &proxy, "alice", "pay-1").await.json()["state"], "completed");
+    assert_eq!(
+        record(&c, &proxy, "jwt:alice", "pay-1").await.json()["state"],
+        "completed"
+    );
     // The scheme is case-insensitive.
     let shouting = alice2.replacen("Bearer", "BEARER", 1);
     let retry = post(
@@ -417,6 +420,86 @@ async fn jwt_hs256_tenant_is_the_subject() {
     assert_eq!(up.executions(), 3);
 }
 
+/// Tenant ids name their source: a header value that spells a JWT subject
+/// (or `anonymous`) is another tenant, even on a route without fingerprints.
+#[tokio::test]
+async fn tenants_of_different_sources_never_collide() {
+    let up = Upstream::start().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let extra = format!(
+        r#"
+[[routes]]
+path = "/orders"
+tenant = {{ from = "jwt", claim = "sub", hs256_secret_env = "{SECRET_ENV}" }}
+
+[[routes]]
+path = "/legacy/*"
+tenant = {{ from = "header", name = "X-Tenant-Id" }}
+fingerprint = false
+"#
+    );
+    let proxy = Proxy::try_start_in(dir, &config(&up.url(), &extra), &[(SECRET_ENV, SECRET)]).expect("proxy starts");
+    let c = Client::new();
+    let now = now_secs();
+    let alice = hs256(SECRET, &claims(Some("alice"), now, now + 600));
+    let original = post(&c, &proxy.url("/orders"), Some("K"), &[("authorization", &alice)], "{}").await;
+    assert_eq!((original.status.as_u16(), original.replayed()), (201, Some("false")));
+
+    // A forged gateway header naming Alice is its own tenant: a new execution.
+    let forged = post(
+        &c,
+        &proxy.url("/legacy/x"),
+        Some("K"),
+        &[("x-tenant-id", "alice")],
+        "{}",
+    )
+    .await;
+    assert_eq!(forged.replayed(), Some("false"), "never Alice's stored response");
+    assert_ne!(forged.body, original.body);
+    assert_eq!(up.executions(), 2);
+
+    // A JWT subject literally named `anonymous` is not the tenant of requests
+    // without a token, and a header saying `anonymous` is neither of them.
+    let anon_subject = hs256(SECRET, &claims(Some("anonymous"), now, now + 600));
+    let tokenless = post(&c, &proxy.url("/orders"), Some("A"), &[], "{}").await;
+    let subject = post(
+        &c,
+        &proxy.url("/orders"),
+        Some("A"),
+        &[("authorization", &anon_subject)],
+        "{}",
+    )
+    .await;
+    let header = post(
+        &c,
+        &proxy.url("/legacy/x"),
+        Some("A"),
+        &[("x-tenant-id", "anonymous")],
+        "{}",
+    )
+    .await;
+    for r in [&tokenless, &subject, &header] {
+        assert_eq!(r.replayed(), Some("false"));
+    }
+    assert_eq!(up.executions(), 5, "three tenants, three operations");
+
+    // The records API and the status endpoint name tenants with their source.
+    for (tenant, key) in [
+        ("jwt:alice", "K"),
+        ("header:alice", "K"),
+        ("anonymous", "A"),
+        ("jwt:anonymous", "A"),
+        ("header:anonymous", "A"),
+    ] {
+        assert_eq!(
+            record(&c, &proxy, tenant, key).await.json()["state"],
+            "completed",
+            "{tenant}"
+        );
+    }
+    assert_eq!(record(&c, &proxy, "alice", "K").await.status, 404);
+}
+
 /// ES256 with a key generated here and published in a JWKS file.
 #[tokio::test]
 async fn jwt_es256_from_jwks_file() {
@@ -485,7 +568,10 @@ async fn jwt_unverified_decodes_without_checking() {
     let retry = post(&c, &url, Some("nv-1"), &[("authorization", &a2)], "{}").await;
     assert_eq!(retry.replayed(), Some("true"));
     assert_eq!(retry.body, first.body);
-    assert_eq!(record(&c, &proxy, "carol", "nv-1").await.json()["state"], "completed");
+    assert_eq!(
+        record(&c, &proxy, "jwt:carol", "nv-1").await.json()["state"],
+        "completed"
+    );
     let dave = hs256("x", &claims(Some("dave"), now, now + 600));
     let other = post(&c, &url, Some("nv-1"), &[("authorization", &dave)], "{}").await;
     assert_eq!(other.replayed(), Some("false"));
