@@ -79,7 +79,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(config.server.log_format);
+            let format = config.server.log_format;
+            init_logging(format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -88,7 +89,12 @@ fn main() -> ExitCode {
                 match start(config).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        eprintln!("idemproxy: {e}");
+                        // Through the log, so a JSON-logging process writes
+                        // nothing but JSON once its config is read.
+                        match format {
+                            LogFormat::Text => eprintln!("idemproxy: {e}"),
+                            LogFormat::Json => tracing::error!(error = %e, "idemproxy could not start"),
+                        }
                         ExitCode::from(2)
                     }
                 }
@@ -104,8 +110,15 @@ async fn start(config: Config) -> Result<(), StartError> {
     let (main, admin) = (listeners.main.local_addr(), listeners.admin.local_addr());
     if let (Ok(main), Ok(admin)) = (main, admin) {
         // One machine-readable line on stdout: scripts and tests read the
-        // bound ports from it when they asked for port 0.
-        println!("idemproxy listening on {main} admin {admin}");
+        // bound ports from it when they asked for port 0. With JSON logs it
+        // is a JSON object like every other line.
+        match app.config.server.log_format {
+            LogFormat::Text => println!("idemproxy listening on {main} admin {admin}"),
+            LogFormat::Json => println!(
+                "{}",
+                serde_json::json!({"event": "listening", "main": main.to_string(), "admin": admin.to_string()})
+            ),
+        }
         tracing::info!(%main, %admin, upstream = %app.config.upstream.url, "idemproxy started");
     }
     app.run(listeners, shutdown).await;

@@ -66,8 +66,8 @@ impl Proxy {
             )
         });
         let (res, outcome, route) = if let Some(rest) = self.status_key(&req) {
-            let defaults = inner.rules.load().defaults.clone();
-            let answer = status::answer(&inner.engine, &defaults, &req, rest).await;
+            let policy = status_policy(&inner.rules.load(), &req);
+            let answer = status::answer(&inner.engine, &policy, &req, rest).await;
             // The path holds the raw key, which is never logged: show its hash.
             if let (Some((_, path, _)), Some(prefix)) = (head.as_mut(), inner.status_prefix.as_deref()) {
                 *path = format!("{prefix}{}", answer.log_key.as_deref().unwrap_or("-"));
@@ -121,6 +121,23 @@ impl Proxy {
     pub fn set_rules(&self, rules: Arc<Rules>) {
         self.inner.rules.store(rules);
     }
+}
+
+/// The policy whose tenant source a status request uses: that of the route
+/// a POST to `?path=P` would match, else the `[idempotency]` defaults. A key's
+/// owner on a route with its own tenant source finds its key this way.
+fn status_policy<B>(rules: &Rules, req: &Request<B>) -> Arc<crate::config::Policy> {
+    let path = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(name, _)| name == "path")
+            .map(|(_, value)| value)
+    });
+    path.and_then(|p| {
+        rules
+            .route_for(&http::Method::POST, &p)
+            .map(|(_, policy)| policy.clone())
+    })
+    .unwrap_or_else(|| rules.defaults.clone())
 }
 
 /// The client's `X-Request-Id` if it sent one, else a process-unique number.

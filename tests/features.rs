@@ -428,6 +428,9 @@ async fn tenants_of_different_sources_never_collide() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let extra = format!(
         r#"
+[server]
+status_path = "/_idempotency"
+
 [[routes]]
 path = "/orders"
 tenant = {{ from = "jwt", claim = "sub", hs256_secret_env = "{SECRET_ENV}" }}
@@ -498,6 +501,28 @@ fingerprint = false
         );
     }
     assert_eq!(record(&c, &proxy, "alice", "K").await.status, 404);
+
+    // The status endpoint takes the tenant source of the route `?path=` names.
+    let status = |path: &'static str, auth: Vec<(&'static str, String)>| {
+        let (c, url) = (c.clone(), proxy.url(path));
+        async move {
+            let headers: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            c.send(Method::GET, &url, &headers, Bytes::new()).await
+        }
+    };
+    let mine = status("/_idempotency/K?path=/orders", vec![("authorization", alice.clone())]).await;
+    assert_eq!(mine.json()["state"], "completed", "{:?}", mine.body);
+    let defaults = status("/_idempotency/K", vec![("authorization", alice.clone())]).await;
+    assert_eq!(
+        defaults.code(),
+        "idempotency_key_unknown",
+        "the defaults hash Authorization"
+    );
+    let forged = status("/_idempotency/K?path=/legacy/x", vec![("x-tenant-id", "alice".into())]).await;
+    assert_eq!(forged.json()["state"], "completed", "header:alice has its own K");
+    let spoof = status("/_idempotency/A?path=/legacy/x", vec![("x-tenant-id", "nobody".into())]).await;
+    assert_eq!(spoof.code(), "idempotency_key_unknown");
+    assert_eq!(up.executions(), 5, "status requests are never forwarded");
 }
 
 /// ES256 with a key generated here and published in a JWKS file.
@@ -848,4 +873,17 @@ async fn json_logs_are_one_object_per_line_without_raw_keys() {
     assert_eq!(access[4]["route"], -1);
     let ids: std::collections::HashSet<_> = access.iter().map(|a| a["request_id"].to_string()).collect();
     assert_eq!(ids.len(), 5, "request ids are unique");
+
+    // Every line on both streams, from start to a drained exit, is JSON;
+    // the readiness line is a JSON event too.
+    proxy.signal(Signal::SIGTERM);
+    let mut proxy = proxy;
+    assert!(proxy.wait_exit(Duration::from_secs(10)).await.success());
+    let (out, err) = (proxy.stdout(), proxy.stderr());
+    let first: Value = serde_json::from_str(out.lines().next().unwrap()).expect("readiness line is JSON");
+    assert_eq!(first["event"], "listening");
+    for line in out.lines().chain(err.lines()).filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.is_object(), "not an object: {line}");
+    }
 }

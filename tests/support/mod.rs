@@ -306,6 +306,7 @@ pub struct Proxy {
     pub dir: Arc<tempfile::TempDir>,
     pub config_path: PathBuf,
     stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
 }
 
 impl Proxy {
@@ -363,21 +364,30 @@ impl Proxy {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in out.lines() {});
-        let Some(rest) = line.trim().strip_prefix("idemproxy listening on ") else {
+        // Keep draining stdout (kept, like stderr) so the child never blocks
+        // on a full pipe.
+        let stdout = Arc::new(Mutex::new(line.clone()));
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let Some((main, admin)) = listening_line(line.trim()) else {
             let status = child.wait().unwrap();
             std::thread::sleep(Duration::from_millis(50));
             return Err(format!("exit {status}: {}", stderr.lock().unwrap()));
         };
-        let (main, admin) = rest.split_once(" admin ").unwrap();
         Ok(Proxy {
-            addr: main.parse().unwrap(),
-            admin: admin.parse().unwrap(),
+            addr: main,
+            admin,
             child: Some(child),
             dir,
             config_path,
             stderr,
+            stdout,
         })
     }
 
@@ -427,6 +437,11 @@ impl Proxy {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Everything the process wrote on stdout so far, the readiness line first.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
     /// Resident set size in KiB (VmRSS) and its peak (VmHWM).
     pub fn memory_kib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
@@ -446,6 +461,21 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The bound addresses from the proxy's readiness line on stdout: the text
+/// form `idemproxy listening on MAIN admin ADMIN`, or with JSON logs the
+/// object `{"event": "listening", "main": ..., "admin": ...}`.
+pub fn listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    if let Some(rest) = line.strip_prefix("idemproxy listening on ") {
+        let (main, admin) = rest.split_once(" admin ")?;
+        return Some((main.parse().ok()?, admin.parse().ok()?));
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["event"] != "listening" {
+        return None;
+    }
+    Some((v["main"].as_str()?.parse().ok()?, v["admin"].as_str()?.parse().ok()?))
 }
 
 /// Runs `idemproxy` with `args` to completion: (exit code, stdout, stderr).
