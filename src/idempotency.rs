@@ -272,7 +272,10 @@ fn ended_elsewhere(e: &Ending) -> (Answer, Shared) {
         expires_at: *at,
         tombstone_until: 0,
     }));
-    ((replay.response(now_ms()), Outcome::coalesced), Shared::Response(replay))
+    (
+        (replay.response(now_ms()), Outcome::coalesced),
+        Shared::Response(replay),
+    )
 }
 
 fn reused() -> Problem {

@@ -28,10 +28,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+pub use self::redis::Ending;
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
 pub use record::{Claim, ClaimRequest, Completed, Fingerprint, Finish, Record, Token};
-pub use self::redis::Ending;
 
 /// The stored identity of one operation: tenant and key, joined by a NUL
 /// byte (neither can contain one).

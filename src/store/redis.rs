@@ -79,8 +79,8 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, Value};
 use sha2::{Digest, Sha256};
 
-pub use self::ending::Ending;
 use self::conn::Conn;
+pub use self::ending::Ending;
 use self::pubsub::Notifier;
 use self::scripts::{Finishing, Keys};
 use self::settle::{Op, Settler};
@@ -397,9 +397,8 @@ impl RedisStore {
             Some(Value::Int(ms)) if *ms > 0 => now + *ms as u64,
             _ => now,
         };
-        let on_redis_clock = |i: usize| -> Result<u64, StoreError> {
-            Ok(now + int(field(i))?.saturating_sub(server_now))
-        };
+        let on_redis_clock =
+            |i: usize| -> Result<u64, StoreError> { Ok(now + int(field(i))?.saturating_sub(server_now)) };
         let lost = || -> Result<Record, StoreError> {
             Ok(Record::Lost(Lost {
                 fingerprint: fingerprint(field(2))?,
@@ -445,9 +444,7 @@ impl RedisStore {
         inv.key(&k.record).key(&k.endings).arg(scripts::token_str(me));
         let v: Vec<Value> = self.bounded(self.inner.data.script(&inv)).await?;
         Ok(match int(v.first())? {
-            2 => Awaited::Ended(
-                Ending::decode(bytes(v.get(1))?).ok_or_else(|| corrupt("ending"))?,
-            ),
+            2 => Awaited::Ended(Ending::decode(bytes(v.get(1))?).ok_or_else(|| corrupt("ending"))?),
             1 => Awaited::Running(Duration::from_millis(int(v.get(1))?)),
             _ => Awaited::Changed,
         })

@@ -132,9 +132,7 @@ async fn relay(st: Arc<State>, client: TcpStream, stop: CancellationToken) {
                 let chunk = &buf[..n];
                 {
                     let mut armed = st.armed.lock().unwrap();
-                    let hit = armed
-                        .as_ref()
-                        .is_some_and(|ps| ps.iter().all(|p| contains(chunk, p)));
+                    let hit = armed.as_ref().is_some_and(|ps| ps.iter().all(|p| contains(chunk, p)));
                     if hit {
                         *armed = None;
                         drop_next_reply.store(true, Ordering::SeqCst);

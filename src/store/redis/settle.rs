@@ -117,7 +117,11 @@ async fn run(conn: Conn, op_timeout: Duration, mut rx: mpsc::UnboundedReceiver<P
         queue = attempt(&conn, op_timeout, std::mem::take(&mut queue)).await;
         let settled = tried - queue.len();
         if settled > 0 {
-            tracing::info!(settled, left = queue.len(), "settled store operations whose reply had not come");
+            tracing::info!(
+                settled,
+                left = queue.len(),
+                "settled store operations whose reply had not come"
+            );
             if count.pending.fetch_sub(settled, Ordering::AcqRel) == settled {
                 count.idle.notify_waiters();
             }
