@@ -7,8 +7,10 @@
 //!   connection, as in a failover or `CLIENT KILL`);
 //! - [`FaultProxy::stall`] / [`FaultProxy::resume`]: nothing is relayed in
 //!   either direction meanwhile (Redis or the network hangs); held bytes
-//!   flow on resume;
-//! - [`FaultProxy::reset_all`]: every open connection is reset.
+//!   flow on resume. [`FaultProxy::stall_replies`] holds only what Redis
+//!   sends: commands still run, their replies do not come;
+//! - [`FaultProxy::reset_all`]: every open connection is reset, and the
+//!   bytes held in it are lost.
 //!
 //! Client connections close with RST (`SO_LINGER` 0), like a dropped link.
 
@@ -35,7 +37,8 @@ struct State {
     armed: Mutex<Option<Vec<Vec<u8>>>>,
     /// Replies dropped so far.
     dropped: watch::Sender<usize>,
-    stalled: watch::Sender<bool>,
+    /// Which directions are held.
+    stalled: watch::Sender<Held>,
     /// Cancelled by `reset_all`; replaced by a fresh token afterwards.
     reset: Mutex<CancellationToken>,
 }
@@ -50,7 +53,7 @@ impl FaultProxy {
             target,
             armed: Mutex::new(None),
             dropped: watch::Sender::new(0),
-            stalled: watch::Sender::new(false),
+            stalled: watch::Sender::new(Held::default()),
             reset: Mutex::new(CancellationToken::new()),
         });
         let stop = CancellationToken::new();
@@ -87,11 +90,21 @@ impl FaultProxy {
     }
 
     pub fn stall(&self) {
-        self.state.stalled.send_replace(true);
+        self.state.stalled.send_replace(Held {
+            commands: true,
+            replies: true,
+        });
+    }
+
+    pub fn stall_replies(&self) {
+        self.state.stalled.send_replace(Held {
+            commands: false,
+            replies: true,
+        });
     }
 
     pub fn resume(&self) {
-        self.state.stalled.send_replace(false);
+        self.state.stalled.send_replace(Held::default());
     }
 
     pub fn reset_all(&self) {
@@ -138,7 +151,7 @@ async fn relay(st: Arc<State>, client: TcpStream, stop: CancellationToken) {
                         drop_next_reply.store(true, Ordering::SeqCst);
                     }
                 }
-                held(&st).await;
+                held(&st, |h| h.commands).await;
                 if to_server.write_all(chunk).await.is_err() {
                     return;
                 }
@@ -152,7 +165,7 @@ async fn relay(st: Arc<State>, client: TcpStream, stop: CancellationToken) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            held(&st).await;
+            held(&st, |h| h.replies).await;
             if drop_next_reply.swap(false, Ordering::SeqCst) {
                 // Redis executed it; the client never hears so.
                 st.dropped.send_modify(|d| *d += 1);
@@ -173,10 +186,16 @@ async fn relay(st: Arc<State>, client: TcpStream, stop: CancellationToken) {
     }
 }
 
-/// Waits while the proxy is stalled.
-async fn held(st: &State) {
+#[derive(Debug, Clone, Copy, Default)]
+struct Held {
+    commands: bool,
+    replies: bool,
+}
+
+/// Waits while this direction is held.
+async fn held(st: &State, direction: fn(&Held) -> bool) {
     let mut rx = st.stalled.subscribe();
-    let _ = rx.wait_for(|s| !*s).await;
+    let _ = rx.wait_for(|h| !direction(h)).await;
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

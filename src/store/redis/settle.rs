@@ -142,13 +142,14 @@ async fn run(conn: Conn, op_timeout: Duration, mut rx: mpsc::UnboundedReceiver<P
     }
 }
 
-/// Tries each once; returns those Redis did not answer.
+/// Tries each once, until Redis fails to answer one; returns those not
+/// settled (failed or not tried).
 async fn attempt(conn: &Conn, op_timeout: Duration, batch: Vec<Pending>) -> Vec<Pending> {
     let mut failed = Vec::new();
     let mut running = JoinSet::new();
     let mut todo = batch.into_iter();
     loop {
-        while running.len() < PARALLEL {
+        while running.len() < PARALLEL && failed.is_empty() {
             let Some(p) = todo.next() else { break };
             let conn = conn.clone();
             running.spawn(async move {
@@ -157,7 +158,10 @@ async fn attempt(conn: &Conn, op_timeout: Duration, batch: Vec<Pending>) -> Vec<
             });
         }
         match running.join_next().await {
-            None => return failed,
+            None => {
+                failed.extend(todo);
+                return failed;
+            }
             Some(Ok((p, false))) => failed.push(p),
             Some(Ok((_, true))) | Some(Err(_)) => {}
         }
