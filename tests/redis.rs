@@ -1587,7 +1587,7 @@ async fn after_a_redis_brown_out_every_key_is_stored_once_or_free() {
     let fault = support::fault::FaultProxy::start(redis.addr().parse().unwrap()).await;
     let up = Upstream::start().await;
     let store = format!(
-        "url = \"redis://127.0.0.1:{}/0\"\nlease = \"2s\"\nop_timeout = \"5s\"",
+        "url = \"redis://127.0.0.1:{}/0\"\nlease = \"2s\"\nop_timeout = \"2s\"",
         fault.port()
     );
     let proxies = start_replicas(2, &redis_config(&up.url(), "60s", &store, ""));
@@ -1643,7 +1643,7 @@ async fn after_a_redis_brown_out_every_key_is_stored_once_or_free() {
         assert_eq!(status, 201, "{body}");
     }
     eprintln!("{FORWARDED} answered {:?} into the brown-out", browned.elapsed());
-    tokio::time::sleep_until((browned + Duration::from_secs(32)).into()).await;
+    tokio::time::sleep_until((browned + Duration::from_secs(35)).into()).await;
     fault.reset_all();
     fault.resume();
     eprintln!("brown-out over after {:?}", browned.elapsed());
