@@ -74,7 +74,7 @@ impl Settler {
 
     pub fn add(&self, keys: Keys, token: Token, op: Op) {
         let n = self.count.pending.fetch_add(1, Ordering::AcqRel) + 1;
-        if n % BACKLOG_WARNING == 0 {
+        if n.is_multiple_of(BACKLOG_WARNING) {
             tracing::warn!(
                 pending = n,
                 "store operations waiting for Redis to answer; they are kept until it does"
