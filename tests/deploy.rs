@@ -27,7 +27,8 @@ fn documents(file: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|doc| {
-            let v = serde_yaml_ng::Value::deserialize(doc).unwrap_or_else(|e| panic!("{} does not parse: {e}", file.display()));
+            let v = serde_yaml_ng::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{} does not parse: {e}", file.display()));
             serde_json::to_value(v).unwrap()
         })
         .filter(|v| !v.is_null())
@@ -49,14 +50,21 @@ fn objects() -> Vec<Value> {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
         .collect();
-    assert_eq!(listed, on_disk, "kustomization.yaml's resources and deploy/*.yaml differ");
+    assert_eq!(
+        listed, on_disk,
+        "kustomization.yaml's resources and deploy/*.yaml differ"
+    );
     let mut out = Vec::new();
     for file in &listed {
         for doc in documents(&dir.join(file)) {
             for field in ["apiVersion", "kind"] {
                 assert!(doc[field].is_string(), "{file}: a document without {field}");
             }
-            assert!(doc["metadata"]["name"].is_string(), "{file}: a {} without metadata.name", doc["kind"]);
+            assert!(
+                doc["metadata"]["name"].is_string(),
+                "{file}: a {} without metadata.name",
+                doc["kind"]
+            );
             out.push(doc);
         }
     }
@@ -84,12 +92,30 @@ fn containers(deployment: &Value) -> &Vec<Value> {
     deployment["spec"]["template"]["spec"]["containers"].as_array().unwrap()
 }
 
+/// Whether `service` sends traffic to the pods of `deployment`.
+fn selects(service: &Value, deployment: &Value) -> bool {
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    deployment["kind"] == "Deployment"
+        && service["spec"]["selector"]
+            .as_object()
+            .is_some_and(|sel| sel.iter().all(|(k, v)| &labels[k] == v))
+}
+
 /// A container port by name or number, searched in every container of the pod.
 fn pod_port(deployment: &Value, port: &Value) -> Option<(String, u16)> {
     containers(deployment).iter().find_map(|c| {
         c["ports"].as_array()?.iter().find_map(|p| {
-            let hit = if port.is_string() { p["name"] == *port } else { p["containerPort"] == *port };
-            hit.then(|| (c["name"].as_str().unwrap().to_owned(), p["containerPort"].as_u64().unwrap() as u16))
+            let hit = if port.is_string() {
+                p["name"] == *port
+            } else {
+                p["containerPort"] == *port
+            };
+            hit.then(|| {
+                (
+                    c["name"].as_str().unwrap().to_owned(),
+                    p["containerPort"].as_u64().unwrap() as u16,
+                )
+            })
         })
     })
 }
@@ -100,7 +126,7 @@ fn dockerfile(prefix: &str) -> String {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     text.lines()
         .filter_map(|l| l.strip_prefix(prefix))
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("the Dockerfile has no line {prefix}..."))
         .trim()
         .to_owned()
@@ -122,13 +148,20 @@ fn sidecar_config(objects: &[Value]) -> Sidecar {
         Some(a) => a.iter().map(|v| v.as_str().unwrap().to_owned()).collect(),
         None => serde_json::from_str(&dockerfile("CMD ")).expect("CMD in JSON form"),
     };
-    assert!(container["command"].is_null(), "the sidecar overrides the image's entrypoint");
+    assert!(
+        container["command"].is_null(),
+        "the sidecar overrides the image's entrypoint"
+    );
     let cli = Cli::try_parse_from(std::iter::once("idemproxy".to_owned()).chain(args.clone()))
         .unwrap_or_else(|e| panic!("the sidecar's args {args:?} are not an idemproxy command line: {e}"));
     let Command::Run(run) = cli.command else {
         panic!("the sidecar's args {args:?} are not `run ...`");
     };
-    let path = run.config.config.clone().unwrap_or_else(|| PathBuf::from(dockerfile("ENV IDEMPROXY_CONFIG=")));
+    let path = run
+        .config
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(dockerfile("ENV IDEMPROXY_CONFIG=")));
 
     // The volume mounted over the config's directory, and the ConfigMap key.
     let mount = container["volumeMounts"]
@@ -143,7 +176,11 @@ fn sidecar_config(objects: &[Value]) -> Sidecar {
         .iter()
         .find(|v| v["name"] == mount["name"])
         .unwrap_or_else(|| panic!("no volume named {}", mount["name"]));
-    let map = find(objects, "ConfigMap", volume["configMap"]["name"].as_str().expect("a configMap volume"));
+    let map = find(
+        objects,
+        "ConfigMap",
+        volume["configMap"]["name"].as_str().expect("a configMap volume"),
+    );
     let key = path.file_name().unwrap().to_str().unwrap();
     let text = map["data"][key]
         .as_str()
@@ -170,11 +207,30 @@ fn every_manifest_parses_and_the_kustomization_lists_them_all() {
     for kind in ["ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"] {
         assert!(kinds.contains(kind), "deploy/ has no {kind}");
     }
+    // Volumes name objects that exist.
+    for d in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        for v in d["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = v["configMap"]["name"].as_str() {
+                find(&objects, "ConfigMap", name);
+            }
+            if let Some(name) = v["persistentVolumeClaim"]["claimName"].as_str() {
+                find(&objects, "PersistentVolumeClaim", name);
+            }
+        }
+    }
     // Selectors select their own pods.
     for d in objects.iter().filter(|o| o["kind"] == "Deployment") {
         let labels = &d["spec"]["template"]["metadata"]["labels"];
         for (k, v) in d["spec"]["selector"]["matchLabels"].as_object().unwrap() {
-            assert_eq!(&labels[k], v, "Deployment {}: selector {k} does not match its pods", d["metadata"]["name"]);
+            assert_eq!(
+                &labels[k], v,
+                "Deployment {}: selector {k} does not match its pods",
+                d["metadata"]["name"]
+            );
         }
     }
 }
@@ -187,8 +243,13 @@ fn the_sidecar_args_run_the_configmap_config_which_idemproxy_check_accepts() {
     assert_eq!(code, 0, "idemproxy check rejects the ConfigMap's config: {err}");
     assert!(out.contains("config OK"), "{out}");
     assert_eq!(s.args.first().map(String::as_str), Some("run"));
-    // Several replicas need the shared store (SPEC §5), and every sidecar
-    // must point at the Redis of deploy/.
+}
+
+#[test]
+fn the_store_url_reaches_the_redis_container_through_its_service() {
+    let objects = objects();
+    let s = sidecar_config(&objects);
+    // Several replicas need the shared store (SPEC §5).
     let StoreConfig::Redis(redis) = &s.config.store else {
         panic!("the sidecar's store is not Redis: replicas would not share keys");
     };
@@ -203,13 +264,10 @@ fn the_sidecar_args_run_the_configmap_config_which_idemproxy_check_accepts() {
         .unwrap_or_else(|| panic!("Service {} has no port {port}", url.host().unwrap()));
     let backing = objects
         .iter()
-        .filter(|o| o["kind"] == "Deployment")
-        .find(|d| {
-            let labels = &d["spec"]["template"]["metadata"]["labels"];
-            service["spec"]["selector"].as_object().unwrap().iter().all(|(k, v)| &labels[k] == v)
-        })
+        .find(|d| selects(service, d))
         .expect("the Redis Service selects no Deployment");
-    let (_, redis_port) = pod_port(backing, &sp["targetPort"]).expect("the Redis Service's targetPort is no container port");
+    let (_, redis_port) =
+        pod_port(backing, &sp["targetPort"]).expect("the Redis Service's targetPort is no container port");
     let redis_args: Vec<&str> = containers(backing)[0]["args"]
         .as_array()
         .into_iter()
@@ -220,7 +278,10 @@ fn the_sidecar_args_run_the_configmap_config_which_idemproxy_check_accepts() {
         .iter()
         .position(|a| *a == "--port")
         .map_or(6379, |i| redis_args[i + 1].parse().unwrap());
-    assert_eq!(redis_port, listens, "the Redis container port is not the port redis-server listens on");
+    assert_eq!(
+        redis_port, listens,
+        "the Redis container port is not the port redis-server listens on"
+    );
 }
 
 #[test]
@@ -230,26 +291,31 @@ fn ports_agree_from_the_service_through_the_sidecar_to_the_app() {
     let (deployment, _) = sidecar(&objects);
     let service = objects
         .iter()
-        .filter(|o| o["kind"] == "Service")
-        .find(|svc| {
-            let labels = &deployment["spec"]["template"]["metadata"]["labels"];
-            svc["spec"]["selector"].as_object().unwrap().iter().all(|(k, v)| &labels[k] == v)
-        })
+        .find(|svc| svc["kind"] == "Service" && selects(svc, deployment))
         .expect("no Service selects the app's pods");
     for p in service["spec"]["ports"].as_array().unwrap() {
         let (container, port) = pod_port(deployment, &p["targetPort"])
             .unwrap_or_else(|| panic!("the Service's targetPort {} is no container port", p["targetPort"]));
         assert_eq!(container, "idemproxy", "the Service reaches the app without the proxy");
-        assert_eq!(port, s.config.server.listen.port(), "the Service's port is not server.listen");
+        assert_eq!(
+            port,
+            s.config.server.listen.port(),
+            "the Service's port is not server.listen"
+        );
     }
     // The upstream is the app container, in the same pod, on loopback.
     let up = &s.config.upstream.url;
-    assert!(matches!(up.host(), Some("127.0.0.1" | "localhost")), "upstream.url {up} is not in the pod");
+    assert!(
+        matches!(up.host(), Some("127.0.0.1" | "localhost")),
+        "upstream.url {up} is not in the pod"
+    );
     let (container, _) = pod_port(deployment, &Value::from(up.port_u16().unwrap_or(80)))
         .unwrap_or_else(|| panic!("no container of the pod listens on upstream.url's port ({up})"));
     assert_ne!(container, "idemproxy");
     // SIGTERM drains within shutdown_grace, which must end before the kubelet's SIGKILL.
-    let kill_after = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    let kill_after = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap_or(30);
     assert!(
         s.config.server.shutdown_grace < Duration::from_secs(kill_after),
         "server.shutdown_grace {:?} is not below terminationGracePeriodSeconds {kill_after}",
@@ -267,7 +333,11 @@ async fn the_probes_hit_admin_paths_that_answer_on_a_live_proxy() {
     let up = Upstream::start().await;
     let proxy = Proxy::start(&config(&up.url(), ""));
     let c = Client::new();
-    assert_eq!(c.get(&proxy.admin_url("/no-such-path")).await.status, 404, "the admin API answers anything");
+    assert_eq!(
+        c.get(&proxy.admin_url("/no-such-path")).await.status,
+        404,
+        "the admin API answers anything"
+    );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         let p = &container[probe];
         let (port, got) = if let Some(cmd) = p["exec"]["command"].as_array() {
@@ -280,23 +350,43 @@ async fn the_probes_hit_admin_paths_that_answer_on_a_live_proxy() {
                 .parse()
                 .unwrap();
             assert_eq!(cmd[0], "curl", "{probe}: the image has curl, not {}", cmd[0]);
-            assert!(cmd.iter().any(|a| a.as_str().is_some_and(|a| a.starts_with('-') && a.contains('f'))), "{probe}: curl without -f succeeds on a 503");
+            assert!(
+                cmd.iter()
+                    .any(|a| a.as_str().is_some_and(|a| a.starts_with('-') && a.contains('f'))),
+                "{probe}: curl without -f succeeds on a 503"
+            );
             let host: std::net::IpAddr = url.host().unwrap().parse().unwrap();
-            assert!(host.is_loopback() || host == admin.ip() || admin.ip().is_unspecified(), "{probe} calls {host}, the admin API listens on {admin}");
+            assert!(
+                host.is_loopback() || host == admin.ip() || admin.ip().is_unspecified(),
+                "{probe} calls {host}, the admin API listens on {admin}"
+            );
             (url.port_u16().unwrap(), url.path().to_owned())
         } else if p["httpGet"].is_object() {
             // From the kubelet, to the pod IP: loopback is out of reach.
-            assert!(!admin.ip().is_loopback(), "{probe} uses httpGet but admin_listen {admin} is loopback only");
-            let port = pod_port(sidecar(&objects).0, &p["httpGet"]["port"]).expect("httpGet port").1;
+            assert!(
+                !admin.ip().is_loopback(),
+                "{probe} uses httpGet but admin_listen {admin} is loopback only"
+            );
+            let port = pod_port(sidecar(&objects).0, &p["httpGet"]["port"])
+                .expect("httpGet port")
+                .1;
             (port, p["httpGet"]["path"].as_str().unwrap().to_owned())
         } else {
             panic!("the sidecar has no {probe}");
         };
-        assert_eq!(port, admin.port(), "{probe} calls port {port}, the admin API listens on {admin}");
+        assert_eq!(
+            port,
+            admin.port(),
+            "{probe} calls port {port}, the admin API listens on {admin}"
+        );
         // Liveness on /readyz would restart pods during a Redis outage;
         // readiness on /healthz would keep them in the Service.
         assert_eq!(got, path, "{probe} must call {path}");
-        assert_eq!(c.get(&proxy.admin_url(&got)).await.status, 200, "{probe}'s {got} does not answer 200");
+        assert_eq!(
+            c.get(&proxy.admin_url(&got)).await.status,
+            200,
+            "{probe}'s {got} does not answer 200"
+        );
     }
 }
 
