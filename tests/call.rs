@@ -177,7 +177,8 @@ async fn a_lost_response_is_retried_with_the_same_key_and_replayed() {
 /// are answered 409 `idempotency_key_in_use` at once (`wait_timeout = "0s"`).
 async fn in_flight_original(key: &str) -> (Upstream, Proxy, Client, tokio::task::JoinHandle<Resp>, String) {
     let up = Upstream::start().await;
-    let proxy = Proxy::start(&config(&up.url(), "[idempotency]\nwait_timeout = \"0s\"\n"));
+    let extra = "[server]\nstatus_path = \"/_idempotency\"\n\n[idempotency]\nwait_timeout = \"0s\"\n";
+    let proxy = Proxy::start(&config(&up.url(), extra));
     let c = Client::new();
     let url = proxy.url("/v1/jobs?gate=1");
     let original = c.spawn_post_key(&url, key, r#"{"job":"build"}"#);
@@ -188,35 +189,53 @@ async fn in_flight_original(key: &str) -> (Upstream, Proxy, Client, tokio::task:
 #[tokio::test]
 async fn wait_returns_the_in_flight_original_s_result() {
     let (up, proxy, c, original, url) = in_flight_original("job-1").await;
+    let args = [
+        "-d",
+        r#"{"job":"build"}"#,
+        "--idempotency-key",
+        "job-1",
+        "--wait",
+        "--retries",
+        "0",
+    ];
 
-    let child = spawn_call(&["--wait", "-d", r#"{"job":"build"}"#, "--idempotency-key", "job-1", &url]);
-    // It got a 409 and keeps waiting; then the original completes.
-    wait_conflicts(&c, &proxy, 1).await;
+    let child = spawn_call(&[&args[..], &[url.as_str()]].concat());
+    let dry = spawn_call(&[&args[..], &["--dry-run", url.as_str()]].concat());
+    // Both keep waiting past their retry budget (none): the call through
+    // more than one 409, the dry run through more than one status answer.
+    wait_conflicts(&c, &proxy, 2).await;
+    let start = Instant::now();
+    while outcomes(&c, &proxy, "status").await < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the dry run did not poll");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     up.open_gate();
     let ran = finish(child).await;
+    let dry = finish(dry).await;
     let original = original.await.unwrap();
 
     assert_eq!(up.executions(), 1);
     assert_eq!((ran.code, ran.effect()), (0, "replayed"), "{}", ran.stderr);
     assert_eq!(ran.json["status"], 201);
     assert_eq!(ran.json["body"], original.json());
-    assert!(ran.json["attempts"].as_u64().unwrap() >= 2, "{}", ran.json);
+    assert!(ran.json["attempts"].as_u64().unwrap() >= 3, "{}", ran.json);
+    assert_eq!((dry.code, dry.effect()), (0, "would_replay"), "{}", dry.stderr);
 }
 
 #[tokio::test]
 async fn without_wait_an_original_in_flight_is_reported_in_progress() {
     let (up, proxy, c, original, url) = in_flight_original("job-2").await;
-
-    let ran = call(&[
-        "--retries",
-        "1",
+    let args = [
         "-d",
         r#"{"job":"build"}"#,
         "--idempotency-key",
         "job-2",
-        &url,
-    ])
-    .await;
+        "--retries",
+        "1",
+    ];
+
+    let ran = call(&[&args[..], &[url.as_str()]].concat()).await;
+    let dry = call(&[&args[..], &["--dry-run", url.as_str()]].concat()).await;
 
     assert_eq!((ran.code, ran.effect()), (5, "in_progress"), "{}", ran.stderr);
     assert_eq!(ran.json["ok"], false);
@@ -224,6 +243,8 @@ async fn without_wait_an_original_in_flight_is_reported_in_progress() {
     assert_eq!(ran.json["body"]["code"], "idempotency_key_in_use");
     assert_eq!(ran.json["attempts"], 2);
     assert_eq!(outcomes(&c, &proxy, "conflict").await, 2);
+    assert_eq!((dry.code, dry.effect()), (5, "in_progress"), "{}", dry.stderr);
+    assert_eq!(dry.json["body"]["state"], "in_flight");
     up.open_gate();
     original.await.unwrap();
     assert_eq!(up.executions(), 1);
