@@ -150,6 +150,8 @@ struct Attempts<'a> {
 enum How {
     /// The server's final answer.
     Final(Reply),
+    /// A failure that another attempt would repeat (TLS); nothing was sent.
+    Hopeless(SendError),
     /// Retries ran out; the last response or error, and whether the
     /// original was still in flight.
     Exhausted(Result<Reply, SendError>, bool),
@@ -165,6 +167,14 @@ impl Ended {
         let attempts = self.attempts;
         match self.how {
             How::Final(reply) => Report::answered(reply, key, attempts),
+            How::Hopeless(e) => Report {
+                effect: Effect::Failed,
+                exit: Exit::Failed,
+                key,
+                attempts,
+                reply: None,
+                note: Some(e.to_string()),
+            },
             How::Exhausted(last, in_use) => {
                 let effect = if in_use { Effect::InProgress } else { Effect::Failed };
                 let (reply, note) = match last {
@@ -221,6 +231,12 @@ impl Attempts<'_> {
                             continue;
                         }
                         verdict => (after, verdict == Verdict::InUse, reply.status.to_string()),
+                    }
+                }
+                Err(e) if !e.retryable() => {
+                    return Ended {
+                        how: How::Hopeless(result.expect_err("matched Err")),
+                        attempts: sent,
                     }
                 }
                 Err(e) => (None, false, e.to_string()),

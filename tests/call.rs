@@ -7,6 +7,7 @@
 mod support;
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -425,4 +426,48 @@ async fn a_bad_command_line_exits_2_and_sends_nothing() {
         assert!(String::from_utf8_lossy(&out.stderr).starts_with("idemproxy call: "));
     }
     assert_eq!(up.executions(), 0);
+}
+
+#[tokio::test]
+async fn https_trusts_cacert_and_refuses_an_unknown_certificate_without_retrying() {
+    let up = Upstream::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let rcgen::CertifiedKey { cert, key_pair } = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cacert = dir.path().join("cert.pem");
+    std::fs::write(&cacert, cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key_pair.serialize_pem()).unwrap();
+    let tls = "[server.tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n";
+    let proxy = Proxy::start_in(dir.clone(), &config(&up.url(), tls));
+    let url = format!("https://localhost:{}/v1/secure", proxy.addr.port());
+    let cmd = [
+        "-d",
+        "{}",
+        "--idempotency-key",
+        "tls-1",
+        "--cacert",
+        cacert.to_str().unwrap(),
+        url.as_str(),
+    ];
+
+    let first = call(&cmd).await;
+    let second = call(&cmd).await;
+    assert_eq!((first.code, first.effect()), (0, "created"), "{}", first.stderr);
+    assert_eq!((second.code, second.effect()), (0, "replayed"), "{}", second.stderr);
+    assert_eq!(first.json["body"]["headers"]["x-forwarded-proto"], "https");
+
+    // The system roots do not know this certificate: final at once.
+    let untrusted = call(&["-d", "{}", "--idempotency-key", "tls-2", &url]).await;
+    assert_eq!(
+        (untrusted.code, untrusted.effect()),
+        (1, "failed"),
+        "{}",
+        untrusted.stderr
+    );
+    assert_eq!(untrusted.json["attempts"], 1);
+    assert!(
+        untrusted.json["body"].as_str().unwrap().contains("certificate"),
+        "{}",
+        untrusted.json
+    );
+    assert_eq!(up.executions(), 1);
 }

@@ -54,7 +54,8 @@ impl Effect {
 pub enum Exit {
     /// A 2xx (created or replayed), or a dry run that found the key usable.
     Ok = 0,
-    /// A final answer that is neither 2xx nor 4xx (a 3xx, a 500, ...).
+    /// A final answer that is neither 2xx nor 4xx (a 3xx, a 500, ...), or a
+    /// server that cannot be trusted (TLS): not worth retrying as it is.
     Failed = 1,
     /// A final 4xx: the request itself is refused; retrying it cannot help.
     /// Also a command line that cannot be run (clap's usage errors too).

@@ -35,6 +35,10 @@ pub enum SendError {
     /// No connection: the server cannot have seen the request.
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The TLS handshake failed (an untrusted certificate, a wrong name):
+    /// nothing was sent, and trying again cannot change it.
+    #[error("TLS failed: {0}")]
+    Tls(String),
     /// No complete response within `--timeout`.
     #[error("no complete response within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -46,7 +50,12 @@ pub enum SendError {
 impl SendError {
     /// True when the server may have received (and executed) the request.
     pub fn maybe_sent(&self) -> bool {
-        !matches!(self, SendError::Connect(_))
+        !matches!(self, SendError::Connect(_) | SendError::Tls(_))
+    }
+
+    /// False when another attempt would fail the same way.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, SendError::Tls(_))
     }
 }
 
@@ -98,7 +107,9 @@ impl Transport {
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, SendError> {
         let exchange = async {
             let res = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
+                if e.is_connect() && tls_failure(&e) {
+                    SendError::Tls(chain(&e))
+                } else if e.is_connect() {
                     SendError::Connect(chain(&e))
                 } else {
                     SendError::Broken(chain(&e))
@@ -147,6 +158,23 @@ fn roots(cacert: Option<&Path>) -> Result<RootCertStore, TlsError> {
         }
     }
     Ok(roots)
+}
+
+/// True when a rustls error is somewhere in the chain. It arrives inside
+/// `io::Error`s (tokio-rustls wraps it, hyper-rustls wraps that again), whose
+/// `source()` skips the error they wrap, so each one is opened by hand.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// An error and its sources on one line: hyper's own message alone
