@@ -55,11 +55,18 @@ pub fn main(args: CallArgs) -> ExitCode {
     } else {
         OutputFormat::Json
     });
-    let report = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(CallError::Runtime)
-        .and_then(|rt| rt.block_on(run(&args)));
+    // The blocking parts (reading -d @FILE or stdin, the system's
+    // certificates) happen here, before the runtime starts.
+    let report = Plan::from_args(&args, std::io::stdin().lock())
+        .map_err(CallError::from)
+        .and_then(|plan| Ok((plan, Transport::new(args.cacert.as_deref(), args.timeout)?)))
+        .and_then(|(plan, transport)| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(CallError::Runtime)?;
+            Ok(rt.block_on(run(&args, &plan, &transport)))
+        });
     match report {
         Ok(report) => {
             print(&report, format);
@@ -89,34 +96,32 @@ fn print(report: &Report, format: OutputFormat) {
 }
 
 /// Performs the call (or the dry run) with its retries.
-pub async fn run(args: &CallArgs) -> Result<Report, CallError> {
-    let plan = Plan::from_args(args, std::io::stdin().lock())?;
-    let transport = Transport::new(args.cacert.as_deref(), args.timeout)?;
+pub async fn run(args: &CallArgs, plan: &Plan, transport: &Transport) -> Report {
     let key = plan.key().map(str::to_owned);
     let attempts = Attempts {
-        transport: &transport,
+        transport,
         retries: args.retries,
         wait: args.wait,
         key: key.as_deref(),
     };
     if !args.dry_run {
-        return Ok(attempts.until_final(|| plan.request()).await.report(key));
+        return attempts.until_final(|| plan.request()).await.report(key);
     }
     let Some(k) = key.as_deref() else {
-        return Ok(dry_run::safe_method(&plan.method));
+        return dry_run::safe_method(&plan.method);
     };
     let mut sent = 0;
     let mut poll = Duration::from_millis(250);
     loop {
         let ended = attempts
-            .until_final(|| dry_run::status_request(&plan, k, &args.status_path))
+            .until_final(|| dry_run::status_request(plan, k, &args.status_path))
             .await;
         sent += ended.attempts;
         let How::Final(reply) = ended.how else {
-            return Ok(Report {
+            return Report {
                 attempts: sent,
                 ..ended.report(key)
-            });
+            };
         };
         let (effect, exit) = dry_run::judge(&reply);
         if effect == Effect::InProgress && args.wait {
@@ -126,14 +131,14 @@ pub async fn run(args: &CallArgs) -> Result<Report, CallError> {
             poll = (poll * 2).min(Duration::from_secs(2));
             continue;
         }
-        return Ok(Report {
+        return Report {
             effect,
             exit,
             key,
             attempts: sent,
             reply: Some(reply),
             note: None,
-        });
+        };
     }
 }
 
