@@ -164,7 +164,8 @@ async fn a_lost_response_is_retried_with_the_same_key_and_replayed() {
     assert_eq!(net.dropped(), ["HTTP/1.1 201 Created"]);
     assert_eq!(up.executions(), 1, "{}", ran.stderr);
     assert_eq!((ran.code, ran.effect()), (0, "replayed"), "{}", ran.stderr);
-    assert_eq!(ran.json["attempts"], 2);
+    // Two attempts, unless a loaded machine made the replay itself slow.
+    assert!(ran.json["attempts"].as_u64().unwrap() >= 2, "{}", ran.json);
     assert_eq!(ran.json["status"], 201);
     let key = ran.json["key"].as_str().unwrap();
     assert_eq!(key.len(), 36, "a UUID: {key}");
@@ -235,7 +236,9 @@ async fn without_wait_an_original_in_flight_is_reported_in_progress() {
         "1",
     ];
 
+    let start = Instant::now();
     let ran = call(&[&args[..], &[url.as_str()]].concat()).await;
+    let took = start.elapsed();
     let dry = call(&[&args[..], &["--dry-run", url.as_str()]].concat()).await;
 
     assert_eq!((ran.code, ran.effect()), (5, "in_progress"), "{}", ran.stderr);
@@ -244,6 +247,8 @@ async fn without_wait_an_original_in_flight_is_reported_in_progress() {
     assert_eq!(ran.json["body"]["code"], "idempotency_key_in_use");
     assert_eq!(ran.json["attempts"], 2);
     assert_eq!(outcomes(&c, &proxy, "conflict").await, 2);
+    // The proxy's `Retry-After: 1` was honoured (the backoff alone is shorter).
+    assert!(took >= Duration::from_secs(1), "retried after {took:?}");
     assert_eq!((dry.code, dry.effect()), (5, "in_progress"), "{}", dry.stderr);
     assert_eq!(dry.json["body"]["state"], "in_flight");
     up.open_gate();
