@@ -107,39 +107,7 @@ pub async fn run(args: &CallArgs, plan: &Plan, transport: &Transport) -> Report 
     if !args.dry_run {
         return attempts.until_final(|| plan.request()).await.report(key);
     }
-    let Some(k) = key.as_deref() else {
-        return dry_run::safe_method(&plan.method);
-    };
-    let mut sent = 0;
-    let mut poll = Duration::from_millis(250);
-    loop {
-        let ended = attempts
-            .until_final(|| dry_run::status_request(plan, k, &args.status_path))
-            .await;
-        sent += ended.attempts;
-        let How::Final(reply) = ended.how else {
-            return Report {
-                attempts: sent,
-                ..ended.report(key)
-            };
-        };
-        let (effect, exit) = dry_run::judge(&reply);
-        if effect == Effect::InProgress && args.wait {
-            // `--wait` in a dry run: poll the status endpoint until the
-            // original is no longer in flight.
-            tokio::time::sleep(poll).await;
-            poll = (poll * 2).min(Duration::from_secs(2));
-            continue;
-        }
-        return Report {
-            effect,
-            exit,
-            key,
-            attempts: sent,
-            reply: Some(reply),
-            note: None,
-        };
-    }
+    dry_run::run(&attempts, plan, &args.status_path, args.wait).await
 }
 
 /// The retry loop of one call: its settings, the same for every attempt.

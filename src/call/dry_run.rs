@@ -10,12 +10,50 @@ use http::{Method, Request, StatusCode, Uri};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
 
+use std::time::Duration;
+
 use super::outcome::{problem_code, Effect, Exit, Report};
 use super::request::Plan;
 use super::transport::Reply;
+use super::{Attempts, How};
 
 /// Characters left as they are in the key's path segment (RFC 3986 unreserved).
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// Asks the status endpoint (retrying like any call) and reports what the
+/// call would do; with `--wait`, polls until the original is no longer in flight.
+pub(super) async fn run(attempts: &Attempts<'_>, plan: &Plan, status_path: &str, wait: bool) -> Report {
+    let key = plan.key().map(str::to_owned);
+    let Some(k) = key.as_deref() else {
+        return safe_method(&plan.method);
+    };
+    let mut sent = 0;
+    let mut poll = Duration::from_millis(250);
+    loop {
+        let ended = attempts.until_final(|| status_request(plan, k, status_path)).await;
+        sent += ended.attempts;
+        let How::Final(reply) = ended.how else {
+            return Report {
+                attempts: sent,
+                ..ended.report(key)
+            };
+        };
+        let (effect, exit) = judge(&reply);
+        if effect == Effect::InProgress && wait {
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_secs(2));
+            continue;
+        }
+        return Report {
+            effect,
+            exit,
+            key,
+            attempts: sent,
+            reply: Some(reply),
+            note: None,
+        };
+    }
+}
 
 /// The status request for the plan's key: `GET {status_path}/{key}?path=P`
 /// on the URL's origin, with the call's headers (minus the body's).
@@ -67,7 +105,7 @@ pub fn judge(reply: &Reply) -> (Effect, Exit) {
 }
 
 /// The report of a dry run of a safe method: it always executes; nothing is asked.
-pub fn safe_method(method: &Method) -> Report {
+fn safe_method(method: &Method) -> Report {
     Report {
         effect: Effect::WouldExecute,
         exit: Exit::Ok,
