@@ -26,6 +26,7 @@ pub mod flight;
 pub mod jwt;
 pub mod key;
 mod leader;
+pub mod limits;
 pub mod replay;
 pub mod status;
 pub mod tenant;
@@ -42,6 +43,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use self::flight::{Flight, Flights, Joined, Shared};
+use self::limits::Limits;
 use crate::body::ResponseBody;
 use crate::config::Policy;
 use crate::metrics::{Metrics, Outcome};
@@ -62,6 +64,8 @@ struct Inner {
     metrics: Metrics,
     /// Detached leader tasks, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// The bound on keyed work in progress, detached tasks included.
+    limits: Limits,
 }
 
 type Answer = (Response<ResponseBody>, Outcome);
@@ -84,7 +88,7 @@ fn problem(p: Problem, outcome: Outcome) -> Answer {
 }
 
 impl Engine {
-    pub fn new(store: Store, upstream: Upstream, metrics: Metrics) -> Self {
+    pub fn new(store: Store, upstream: Upstream, metrics: Metrics, limits: Limits) -> Self {
         Engine {
             inner: Arc::new(Inner {
                 store,
@@ -92,6 +96,7 @@ impl Engine {
                 upstream,
                 metrics,
                 tasks: TaskTracker::new(),
+                limits,
             }),
         }
     }
@@ -134,10 +139,20 @@ impl Engine {
                 return problem(p, outcome);
             }
         };
+        // Held until this request's work is done: by the detached leader
+        // task, or here while a duplicate waits.
+        let mut admission = match self.inner.limits.admit() {
+            Ok(a) => a,
+            Err(p) => return problem(p, Outcome::overloaded),
+        };
         let body = match read_body(&parts.headers, body, policy.max_body).await {
             Ok(b) => b,
             Err(p) => return problem(p, Outcome::too_large),
         };
+        if let Err(p) = self.inner.limits.hold_body(&mut admission, body.len()) {
+            return problem(p, Outcome::overloaded);
+        }
+        let mut admission = Some(admission);
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let fp = key::fingerprint(&parts.method, pq, &body);
         let key = key.unwrap_or_else(|| hex::encode(fp));
@@ -171,7 +186,11 @@ impl Engine {
                 fingerprint,
                 reply,
             };
-            self.inner.tasks.spawn(task.run());
+            let admission = admission.take();
+            self.inner.tasks.spawn(async move {
+                let _admission = admission;
+                task.run().await
+            });
             return answer.await.unwrap_or_else(|_| {
                 problem(
                     Problem::new(Code::UpstreamUnavailable, "the request failed inside the proxy"),
