@@ -358,7 +358,11 @@ fn stream_types(
     let Some(raw) = raw else {
         return Ok(vec!["text/event-stream".to_owned(), "application/x-ndjson".to_owned()]);
     };
-    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
     raw.iter()
         .enumerate()
         .map(|(i, t)| match t.split_once('/') {

@@ -58,7 +58,13 @@ impl Replay {
 
     /// The response for a held duplicate or a retry.
     pub fn response(&self, now_ms: u64) -> Response<ResponseBody> {
-        replayed(self.status, &self.headers, ResponseBody::full(self.body.clone()), self.stored_at, now_ms)
+        replayed(
+            self.status,
+            &self.headers,
+            ResponseBody::full(self.body.clone()),
+            self.stored_at,
+            now_ms,
+        )
     }
 }
 
