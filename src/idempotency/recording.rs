@@ -55,6 +55,8 @@ pub struct Recording {
     pub headers: HeaderMap,
     /// Unix milliseconds; drives `Age` for duplicates.
     pub started_at: u64,
+    /// `max_response_body`: past it, the recording is not replayable.
+    limit: u64,
     /// Bytes kept behind the newest chunk once the recording is past its limit.
     window: u64,
     state: Mutex<State>,
@@ -84,6 +86,7 @@ impl Recording {
             status,
             headers,
             started_at,
+            limit,
             window: limit.max(64 * 1024),
             state: Mutex::new(State {
                 replayable: true,
@@ -108,9 +111,9 @@ impl Recording {
         })
     }
 
-    /// Appends a chunk and wakes the readers. Returns false when this chunk
-    /// took the recording past `limit`: it is no longer replayable.
-    pub fn push(&self, chunk: Bytes, limit: u64) -> bool {
+    /// Appends a chunk and wakes the readers. Returns false once the
+    /// recording is past its limit: it is no longer replayable.
+    pub fn push(&self, chunk: Bytes) -> bool {
         if chunk.is_empty() {
             return true;
         }
@@ -119,7 +122,7 @@ impl Recording {
             s.total += chunk.len() as u64;
             s.held += chunk.len() as u64;
             s.chunks.push_back(chunk);
-            if s.total > limit {
+            if s.total > self.limit {
                 s.replayable = false;
             }
             if !s.replayable {
@@ -153,14 +156,19 @@ impl Recording {
 
     /// The whole body in one buffer, if every byte is still held.
     pub fn body(&self) -> Option<Bytes> {
-        let s = self.lock();
-        if !s.replayable {
-            return None;
-        }
+        let (chunks, held) = {
+            let s = self.lock();
+            if !s.replayable {
+                return None;
+            }
+            // Cloning `Bytes` only counts references: the copy below runs
+            // without holding the lock the readers need.
+            (s.chunks.clone(), s.held)
+        };
         // Copy even one chunk: it is a slice of hyper's read buffer, and the
         // store would keep that whole buffer alive.
-        let mut buf = BytesMut::with_capacity(s.held as usize);
-        s.chunks.iter().for_each(|c| buf.extend_from_slice(c));
+        let mut buf = BytesMut::with_capacity(held as usize);
+        chunks.iter().for_each(|c| buf.extend_from_slice(c));
         Some(buf.freeze())
     }
 
@@ -257,15 +265,15 @@ mod tests {
     async fn late_reader_gets_the_prefix_then_the_rest_live() {
         let rec = rec(1024);
         let mut early = rec.reader().unwrap();
-        rec.push(Bytes::from_static(b"a"), 1024);
-        rec.push(Bytes::from_static(b"b"), 1024);
+        rec.push(Bytes::from_static(b"a"));
+        rec.push(Bytes::from_static(b"b"));
         let mut late = rec.reader().unwrap();
         assert_eq!(next(&mut early).await.unwrap().unwrap(), "a");
         assert_eq!(next(&mut late).await.unwrap().unwrap(), "a");
         assert_eq!(next(&mut late).await.unwrap().unwrap(), "b");
         let waiting = tokio::spawn(async move { next(&mut late).await.map(Result::unwrap) });
         tokio::task::yield_now().await;
-        rec.push(Bytes::from_static(b"c"), 1024);
+        rec.push(Bytes::from_static(b"c"));
         assert_eq!(waiting.await.unwrap().unwrap(), "c");
         rec.end(End::Complete);
         assert_eq!(next(&mut early).await.unwrap().unwrap(), "b");
@@ -280,7 +288,7 @@ mod tests {
         let mut r = rec.reader().unwrap();
         {
             let w = Writer(rec.clone());
-            rec.push(Bytes::from_static(b"a"), 1024);
+            rec.push(Bytes::from_static(b"a"));
             drop(w);
         }
         assert_eq!(next(&mut r).await.unwrap().unwrap(), "a");
@@ -295,7 +303,7 @@ mod tests {
         let mut fast = rec.reader().unwrap();
         let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
         for i in 0..16 {
-            let keep = rec.push(chunk.clone(), limit);
+            let keep = rec.push(chunk.clone());
             assert_eq!(keep, i < 4, "chunk {i}");
             assert_eq!(next(&mut fast).await.unwrap().unwrap().len(), chunk.len());
         }
