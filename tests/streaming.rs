@@ -407,3 +407,108 @@ async fn the_openai_python_sdk_streams_through_the_proxy_and_its_retry_replays()
     assert_eq!(again, expected, "the retry got the same tokens");
     assert_eq!(up.executions(), 1);
 }
+
+/// Measurements for BENCHMARKS.md ("Streaming"), not a check: run with
+/// `cargo test --release --test streaming measure -- --ignored --nocapture`.
+/// Time to first byte through the proxy (streamed with the sled store and
+/// with the memory store, and buffered with `stream_types = []`) next to the
+/// upstream direct; then the proxy's memory with 1000 duplicates reading one
+/// stream, for two stream sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand for BENCHMARKS.md"]
+async fn measure_time_to_first_byte_and_follower_memory() {
+    let up = StreamUpstream::start().await;
+    let routes = "[[routes]]\npath = \"/buffered\"\nstream_types = []\n[[routes]]\npath = \"/v1/*\"\n";
+    let sled = Proxy::start(&config(&up.url(), routes));
+    let memory = format!(
+        "[upstream]\nurl = \"{}\"\ntimeout = \"60s\"\n[store]\nbackend = \"memory\"\n{routes}",
+        up.url()
+    );
+    let memory = Proxy::start(&memory);
+    // Five events 20 ms apart: the whole stream takes 80 ms upstream.
+    let query = "?events=5&every=20";
+    measure_ttfb("direct", &format!("{}/v1/chat{query}", up.url())).await;
+    measure_ttfb("proxy, sled, streamed", &sled.url(&format!("/v1/chat{query}"))).await;
+    measure_ttfb("proxy, memory, streamed", &memory.url(&format!("/v1/chat{query}"))).await;
+    measure_ttfb("proxy, memory, buffered", &memory.url(&format!("/buffered{query}"))).await;
+    drop(sled);
+    measure_fan_out(&up, &memory, "fan-1k", 1000).await;
+    measure_fan_out(&up, &memory, "fan-4k", 4000).await;
+}
+
+/// Prints the p50/p99 time to the first event and p50 to the last, over 200
+/// requests, each on a new connection with a new key.
+async fn measure_ttfb(label: &str, url: &str) {
+    use std::time::Instant;
+    let mut first = Vec::new();
+    let mut last = Vec::new();
+    for i in 0..200 {
+        let start = Instant::now();
+        let key = format!("{}-{i}", label.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        let mut s = post_stream(url, &key).await;
+        s.read_until("\"event\":1,").await.unwrap();
+        first.push(start.elapsed());
+        s.finish().await.unwrap();
+        last.push(start.elapsed());
+    }
+    first.sort();
+    last.sort();
+    let pct = |v: &[Duration], q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    println!(
+        "{label:<26} first event p50 {:7.2} ms  p99 {:7.2} ms   last event p50 {:7.2} ms",
+        pct(&first, 0.5),
+        pct(&first, 0.99),
+        pct(&last, 0.5)
+    );
+}
+
+/// 1000 duplicates join one stream of 200 events of `pad` bytes after the
+/// first 100 are out: each gets the prefix at once, then the rest live.
+/// Prints the proxy's RSS at each step.
+async fn measure_fan_out(up: &StreamUpstream, p: &Proxy, key: &str, pad: usize) {
+    use std::time::Instant;
+    let (idle, _) = p.memory_kib();
+    let url = p.url(&format!("/v1/fan?gated=1&events=200&pad={pad}"));
+    up.release(100);
+    let mut first = post_stream(&url, key).await;
+    first.read_until("\"event\":100,").await.unwrap();
+    let (one, _) = p.memory_kib();
+    let start = Instant::now();
+    let mut joined = Vec::new();
+    for batch in 0..10 {
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (url, key) = (url.clone(), key.to_owned());
+                tokio::spawn(async move {
+                    let mut d = post_stream(&url, &key).await;
+                    d.read_until("\"event\":100,").await.unwrap();
+                    d
+                })
+            })
+            .collect();
+        for t in tasks {
+            joined.push(t.await.unwrap());
+        }
+        assert_eq!(joined.len(), (batch + 1) * 100);
+    }
+    let attach = start.elapsed();
+    let (attached, _) = p.memory_kib();
+    up.release(200);
+    let start = Instant::now();
+    let expected = first.finish().await.unwrap();
+    let reads: Vec<_> = joined.into_iter().map(|d| tokio::spawn(d.finish())).collect();
+    for r in reads {
+        assert_eq!(r.await.unwrap().unwrap(), expected);
+    }
+    let rest = start.elapsed();
+    let (after, peak) = p.memory_kib();
+    println!(
+        "1000 followers on a {} KiB stream: RSS before {idle} KiB, one reader {one} KiB, 1000 attached {attached} KiB \
+         (+{:.1} KiB per follower), after the end {after} KiB, peak {peak} KiB; 1000 attached in {:.0} ms, \
+         the second half to all in {:.0} ms",
+        expected.len() / 1024,
+        attached.saturating_sub(one) as f64 / 1000.0,
+        attach.as_secs_f64() * 1000.0,
+        rest.as_secs_f64() * 1000.0
+    );
+}

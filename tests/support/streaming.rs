@@ -9,6 +9,7 @@
 //! - `events=N` (default 5): events in the stream;
 //! - `gated=1`: wait for [`StreamUpstream::release`] before each event;
 //! - `reset=K`: after K events, reset the connection (TCP RST, no final chunk);
+//! - `every=MS`: wait MS milliseconds before each event after the first;
 //! - `pad=N`: add N bytes of padding to every event;
 //! - `ndjson=1`: `application/x-ndjson` lines instead of server-sent events;
 //! - `status=N`: the response status (default 200).
@@ -156,6 +157,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Chann
     };
     let gated = q.contains_key("gated");
     let reset = num("reset");
+    let every = Duration::from_millis(num("every").unwrap_or(0) as u64);
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut released = st.released.subscribe();
@@ -167,6 +169,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Chann
             }
             if gated && released.wait_for(|r| *r >= number).await.is_err() {
                 return;
+            }
+            if number > 1 && !every.is_zero() {
+                tokio::time::sleep(every).await;
             }
             if tx.send(Ok(event)).await.is_err() {
                 return;
@@ -243,7 +248,13 @@ impl Streamed {
     /// Reads until the body so far contains `needle` (bounded: 20 s).
     /// `Err` if the body ends or breaks first.
     pub async fn read_until(&mut self, needle: &str) -> Result<(), String> {
-        let found = |read: &[u8]| read.windows(needle.len()).any(|w| w == needle.as_bytes());
+        // Only the new bytes (and a needle's length before them) are searched.
+        let mut from = 0;
+        let mut found = |read: &[u8]| {
+            let hit = read[from..].windows(needle.len()).any(|w| w == needle.as_bytes());
+            from = read.len().saturating_sub(needle.len());
+            hit
+        };
         let step = async {
             while !found(&self.read) {
                 match self.body.frame().await {
