@@ -2,11 +2,13 @@
 //!
 //! The first request for a key becomes the leader and gets a [`Leader`]
 //! guard; the ones that arrive while it runs are followers and wait for what
-//! the leader publishes. A streamed response is published as soon as its
-//! head arrives ([`Leader::stream`]) while the flight stays open, so
-//! duplicates that arrive mid-stream still join it and read the recording. Like pingora's cache lock: dropping the guard without
+//! the leader publishes. Like pingora's cache lock: dropping the guard without
 //! finishing (a panic, a cancelled task) still wakes every follower, with an
 //! error, so nobody waits for a leader that is gone.
+//!
+//! A streamed response is published as soon as its head arrives
+//! ([`Leader::stream`]) while the flight stays open, so duplicates that
+//! arrive mid-stream still join it and read the recording.
 //!
 //! The map is sharded (dashmap) and no shard guard is ever held across an
 //! `.await`. Followers cost the store nothing: whatever backend is used, only
