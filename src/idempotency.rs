@@ -28,6 +28,7 @@ pub mod flight;
 pub mod jwt;
 pub mod key;
 mod leader;
+pub mod limits;
 pub mod recording;
 pub mod replay;
 pub mod status;
@@ -45,6 +46,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use self::flight::{Flight, Flights, Joined, Shared};
+use self::limits::Limits;
 use crate::body::ResponseBody;
 use crate::config::Policy;
 use crate::metrics::{Metrics, Outcome};
@@ -65,6 +67,8 @@ struct Inner {
     metrics: Metrics,
     /// Detached leader tasks, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// The bound on keyed work in progress, detached tasks included.
+    limits: Limits,
 }
 
 type Answer = (Response<ResponseBody>, Outcome);
@@ -87,7 +91,7 @@ fn problem(p: Problem, outcome: Outcome) -> Answer {
 }
 
 impl Engine {
-    pub fn new(store: Store, upstream: Upstream, metrics: Metrics) -> Self {
+    pub fn new(store: Store, upstream: Upstream, metrics: Metrics, limits: Limits) -> Self {
         Engine {
             inner: Arc::new(Inner {
                 store,
@@ -95,6 +99,7 @@ impl Engine {
                 upstream,
                 metrics,
                 tasks: TaskTracker::new(),
+                limits,
             }),
         }
     }
@@ -137,10 +142,20 @@ impl Engine {
                 return problem(p, outcome);
             }
         };
+        // Held until this request's work is done: by the detached leader
+        // task, or here while a duplicate waits.
+        let mut admission = match self.inner.limits.admit() {
+            Ok(a) => a,
+            Err(p) => return problem(p, Outcome::overloaded),
+        };
         let body = match read_body(&parts.headers, body, policy.max_body).await {
             Ok(b) => b,
             Err(p) => return problem(p, Outcome::too_large),
         };
+        if let Err(p) = self.inner.limits.hold_body(&mut admission, body.len()) {
+            return problem(p, Outcome::overloaded);
+        }
+        let mut admission = Some(admission);
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let fp = key::fingerprint(&parts.method, pq, &body);
         let key = key.unwrap_or_else(|| hex::encode(fp));
@@ -174,7 +189,11 @@ impl Engine {
                 fingerprint,
                 reply,
             };
-            self.inner.tasks.spawn(task.run());
+            let admission = admission.take();
+            self.inner.tasks.spawn(async move {
+                let _admission = admission;
+                task.run().await
+            });
             return answer.await.unwrap_or_else(|_| {
                 problem(
                     Problem::new(Code::UpstreamUnavailable, "the request failed inside the proxy"),

@@ -32,6 +32,8 @@ pub struct RawServer {
     pub log_format: Option<String>,
     pub header_read_timeout: Option<HumanDuration>,
     pub max_connections: Option<u32>,
+    pub max_keyed_requests: Option<u32>,
+    pub max_keyed_buffer: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
