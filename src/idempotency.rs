@@ -20,13 +20,16 @@
 //! The leader's work runs in a task of its own, detached from the client's
 //! connection: a client that disconnects does not cancel the upstream call,
 //! and the result is still stored, so its retry is a replay. The response is
-//! made durable before anyone, the leader's own client included, sees it.
+//! made durable before anyone, the leader's own client included, sees it;
+//! except a stream (`stream_types`, SPEC §7), which every client reads live
+//! from one shared [`recording`] and which is stored when it ends.
 
 pub mod flight;
 pub mod jwt;
 pub mod key;
 mod leader;
 pub mod limits;
+pub mod recording;
 pub mod replay;
 pub mod status;
 pub mod tenant;
@@ -230,6 +233,9 @@ impl Engine {
             // mismatch (the key holds another request), ask the store again.
             let mut executing = flight.executing();
             return tokio::select! {
+                // A stream is published while its flight is still open: the
+                // leader owns the key by then, so this is a mismatch.
+                biased;
                 _ = executing.wait_for(|e| *e) => Followed::Answer(problem(reused(), Outcome::mismatch)),
                 _ = rx.wait_for(Option::is_some) => Followed::Rejoin,
                 () = tokio::time::sleep(policy.wait_timeout) => {
@@ -245,6 +251,10 @@ impl Engine {
         Followed::Answer(match shared {
             Some(Shared::Response(r)) => (r.response(now_ms()), Outcome::coalesced),
             Some(Shared::Problem(p, o)) => problem(p, o),
+            Some(Shared::Stream(rec)) => match rec.reader() {
+                Some(reader) => (replay::joined(&rec, reader, now_ms()), Outcome::coalesced),
+                None => problem(not_replayable(), Outcome::conflict),
+            },
             None => problem(
                 Problem::new(Code::UpstreamUnavailable, "the original request was abandoned"),
                 Outcome::upstream_error,
@@ -263,6 +273,13 @@ fn reused() -> Problem {
     Problem::new(
         Code::IdempotencyKeyReused,
         "this idempotency key was used with a different request (method, path or body); use a new key",
+    )
+}
+
+fn not_replayable() -> Problem {
+    Problem::new(
+        Code::ResponseNotReplayable,
+        "the original response is larger than max_response_body and is not kept; it cannot be replayed",
     )
 }
 

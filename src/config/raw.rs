@@ -95,6 +95,7 @@ pub struct RawPolicy {
     pub max_waiters: Option<u32>,
     pub tenant: Option<RawTenant>,
     pub derive_key: Option<bool>,
+    pub stream_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

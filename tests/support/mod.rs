@@ -750,3 +750,4 @@ pub async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<se
         s => panic!("records API answered {s}: {:?}", r.body),
     }
 }
+pub mod streaming;
