@@ -18,6 +18,8 @@
 //! test can compare bytes and headers exactly.
 #![allow(dead_code)]
 
+pub mod tmpfs;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
