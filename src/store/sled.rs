@@ -1,9 +1,13 @@
 //! The embedded backend: sled, one directory per process.
 //!
-//! Two trees: `records` (record key → encoded [`Record`]) and `expiry`
-//! (big-endian due time ++ record key → nothing), the index the sweeper walks
-//! so it never scans live records. Index entries may be stale (a record was
-//! rewritten since); the sweeper re-checks the record itself.
+//! One tree, `records` (record key → [`Record::encode_stamped`]). Each value
+//! starts with the time the sweeper is due to look at it, so a sweep is one
+//! pass over the tree that decodes only what is due, and there is no second
+//! index tree to keep in step: one write per state change instead of two,
+//! which is half of what sled's log has to absorb and clean under churn
+//! (BENCHMARKS.md, "Storage under churn"). Stores written by earlier versions
+//! had an `expiry` index tree; it is dropped at open, their records are
+//! swept by the same pass.
 //!
 //! Point operations (get, compare-and-swap) run inline: they touch sled's
 //! page cache and do not fsync. Everything that may fsync or scan, the
@@ -46,6 +50,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 pub const TEST_FLUSH_DELAY_ENV: &str = "IDEMPROXY_TEST_FLUSH_DELAY_MS";
 
 const PROBE_KEY: &[u8] = b"\xffprobe";
+/// The expiry index tree of earlier versions.
+const LEGACY_INDEX: &[u8] = b"expiry";
 
 /// The sled store. Cheap to clone.
 #[derive(Clone)]
@@ -76,7 +82,6 @@ struct Inner {
 struct Handle {
     db: sled::Db,
     records: sled::Tree,
-    expiry: sled::Tree,
     /// A write failed: refuse writes, reads still work.
     failed: AtomicBool,
     /// A recovery task owns this handle's replacement.
@@ -94,11 +99,12 @@ impl Handle {
             .flush_every_ms(None)
             .open()?;
         let records = db.open_tree("records")?;
-        let expiry = db.open_tree("expiry")?;
+        if db.tree_names().iter().any(|n| n == LEGACY_INDEX) {
+            db.drop_tree(LEGACY_INDEX)?;
+        }
         Ok(Handle {
             db,
             records,
-            expiry,
             failed: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
         })
@@ -106,14 +112,6 @@ impl Handle {
 
     fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
-    }
-
-    fn index(&self, key: &RecordKey, at: u64) -> Result<(), sled::Error> {
-        let mut k = Vec::with_capacity(8 + key.as_bytes().len());
-        k.extend_from_slice(&at.to_be_bytes());
-        k.extend_from_slice(key.as_bytes());
-        self.expiry.insert(k, &[])?;
-        Ok(())
     }
 }
 
@@ -203,16 +201,13 @@ impl SledStore {
         current: Option<sled::IVec>,
         update: &Option<Record>,
     ) -> Result<bool, StoreError> {
-        let new = update.as_ref().map(Record::encode);
+        let new = update.as_ref().map(Record::encode_stamped);
         match h.records.compare_and_swap(key.as_bytes(), current, new) {
             Err(e) => Err(self.fail(h, e)),
             Ok(Err(_)) => Ok(false),
             Ok(Ok(())) => {
                 if let Some(d) = &self.inner.dirty {
                     d.mark(key);
-                }
-                if let Some(r) = update {
-                    h.index(key, due(r)).map_err(|e| self.fail(h, e))?;
                 }
                 Ok(true)
             }
@@ -361,10 +356,13 @@ impl SledStore {
 
     fn sweep_blocking(&self, h: &Arc<Handle>, now: u64) -> Result<u64, StoreError> {
         let mut deleted = 0;
-        let upper = (now + 1).to_be_bytes();
-        for entry in h.expiry.range(..&upper[..]) {
-            let (ikey, _) = entry.map_err(|e| self.fail(h, e))?;
-            let key = RecordKey::from_bytes(&ikey[8..]);
+        for entry in h.records.iter() {
+            let (k, v) = entry.map_err(|e| self.fail(h, e))?;
+            let due = Record::stamped_due(&v).or_else(|| Record::decode(&v).ok().map(|r| r.sweep_due()));
+            if due.is_none_or(|d| d > now) {
+                continue;
+            }
+            let key = RecordKey::from_bytes(&k);
             if self.is_unsettled(&key) {
                 // Settled (or redone) first; a later sweep sees it.
                 continue;
@@ -394,7 +392,6 @@ impl SledStore {
                     break;
                 }
             }
-            h.expiry.remove(&ikey).map_err(|e| self.fail(h, e))?;
         }
         if deleted > 0 {
             h.db.flush().map_err(|e| self.fail(h, e))?;
@@ -453,10 +450,5 @@ fn test_flush_delay() -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
-/// When the sweeper should next look at a record.
-fn due(r: &Record) -> u64 {
-    match r {
-        Record::Completed(c) if c.tombstone_until > c.expires_at => c.expires_at,
-        other => other.gone_at(),
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -39,7 +39,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::{Handle, Inner, SledStore, FLUSH_INTERVAL};
-use crate::store::record::{Finish, Record, Token};
+use crate::store::record::{Finish, Token};
 use crate::store::{RecordKey, StoreError};
 
 /// Bytes the recovery probe writes: two of sled's log segments.
@@ -176,7 +176,7 @@ async fn reopen(store: &SledStore) -> Result<(), String> {
         while Arc::strong_count(&old) > 1 {
             tokio::time::sleep(Duration::from_millis(2)).await;
             waited += 1;
-            if waited % 2500 == 0 {
+            if waited.is_multiple_of(2500) {
                 tracing::warn!("still waiting for operations on the failed store to end");
             }
         }
@@ -230,9 +230,6 @@ fn write_carried(h: &Handle, carried: &[(RecordKey, Option<sled::IVec>)]) -> Res
         match value {
             Some(v) => {
                 h.records.insert(key.as_bytes(), v.clone())?;
-                if let Ok(r) = Record::decode(v) {
-                    h.index(key, super::due(&r))?;
-                }
             }
             None => {
                 h.records.remove(key.as_bytes())?;
