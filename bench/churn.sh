@@ -12,7 +12,8 @@
 # load run is bounded by a duration. Only 127.0.0.1 is ever contacted.
 #
 # Environment:
-#   CHURN_BIN (target/release/idemproxy, built if absent), CHURN_DURATION (180),
+#   CHURN_BIN (target/release/idemproxy, built if absent), CHURN_DURATION (180;
+#   0 skips the churn run),
 #   CHURN_TTL (20s), CHURN_SWEEP (5s), CHURN_CONNECTIONS (50),
 #   CHURN_CACHE (64MiB, store.cache_capacity), CHURN_MILLION (1000000),
 #   CHURN_ENV="NAME=VALUE ..." variables for idemproxy only
@@ -114,6 +115,7 @@ mkdir -p "$HERE/results"
 export BENCH_RUN="c$(date +%s)"
 
 # --- churn -------------------------------------------------------------------
+if ((DURATION > 0)); then
 start churn "$TTL"
 ttl_s=$(secs "$TTL")
 log "churn: unique keys for ${DURATION}s through $ADDR (ttl $TTL, sweep $SWEEP, cache $CACHE), load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -171,6 +173,7 @@ open(sys.argv[4], "a").write(json.dumps(out) + "\n")
 EOF
 grep -E 'Requests/sec|Non-2xx|Socket errors' "$WORK/wrk-churn.out" >&2 || true
 kill -TERM "$PID" && wait "$PID" 2>/dev/null || true
+fi
 
 # --- a million stored keys ------------------------------------------------------
 if ((MILLION)); then
