@@ -18,6 +18,7 @@
 //! test can compare bytes and headers exactly.
 #![allow(dead_code)]
 
+pub mod flaky;
 pub mod tmpfs;
 
 use std::collections::HashMap;
@@ -750,3 +751,4 @@ pub async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<se
         s => panic!("records API answered {s}: {:?}", r.body),
     }
 }
+pub mod streaming;
