@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod flaky;
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
