@@ -71,6 +71,11 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Connections accepted at once on the main listener; more wait in the backlog.
     pub max_connections: usize,
+    /// Keyed requests in progress at once (leaders, detached or not, and
+    /// held duplicates); more get 503 `overloaded`.
+    pub max_keyed_requests: usize,
+    /// Bytes of keyed request bodies held in memory at once.
+    pub max_keyed_buffer: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +161,14 @@ impl Config {
         if max_connections == 0 {
             return Err(e("server.max_connections", "must be at least 1".into()));
         }
+        let max_keyed_requests = s.max_keyed_requests.unwrap_or(4096);
+        if max_keyed_requests == 0 {
+            return Err(e("server.max_keyed_requests", "must be at least 1".into()));
+        }
+        let max_keyed_buffer = s.max_keyed_buffer.map_or(256 << 20, |b| b.0);
+        if max_keyed_buffer == 0 {
+            return Err(e("server.max_keyed_buffer", "must be greater than 0".into()));
+        }
         let server = ServerConfig {
             listen,
             admin_listen,
@@ -168,6 +181,8 @@ impl Config {
             log_format,
             header_read_timeout: dur(s.header_read_timeout, 10),
             max_connections: max_connections as usize,
+            max_keyed_requests: max_keyed_requests as usize,
+            max_keyed_buffer,
         };
 
         let u = raw.upstream;
@@ -215,6 +230,20 @@ impl Config {
                 enabled: r.enabled.unwrap_or(true),
                 policy: Arc::new(policy),
             });
+        }
+        // A body the buffer bound can never admit would get 503 forever.
+        let largest = routes
+            .iter()
+            .map(|r| r.policy.max_body)
+            .fold(defaults.max_body, u64::max);
+        if largest > server.max_keyed_buffer {
+            return Err(e(
+                "server.max_keyed_buffer",
+                format!(
+                    "{} bytes is less than the largest max_body ({largest} bytes)",
+                    server.max_keyed_buffer
+                ),
+            ));
         }
         Ok(Config {
             source: None,

@@ -32,6 +32,8 @@ pub struct RawServer {
     pub log_format: Option<String>,
     pub header_read_timeout: Option<HumanDuration>,
     pub max_connections: Option<u32>,
+    pub max_keyed_requests: Option<u32>,
+    pub max_keyed_buffer: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +95,7 @@ pub struct RawPolicy {
     pub max_waiters: Option<u32>,
     pub tenant: Option<RawTenant>,
     pub derive_key: Option<bool>,
+    pub stream_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -19,6 +19,8 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod flaky;
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -750,3 +752,4 @@ pub async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<se
         s => panic!("records API answered {s}: {:?}", r.body),
     }
 }
+pub mod streaming;
