@@ -164,7 +164,9 @@ for a in "$SLED" "$R1"; do curl -s -o /dev/null -X POST -H 'Idempotency-Key: rep
 PEER=""
 if [[ -n ${PEER_BIN:-} ]]; then
     # The peer reads its settings from .env in its working directory:
-    # loopback only, our Redis, our upstream, logs at warn.
+    # loopback only, our Redis, our upstream, logs at warn. It keeps a
+    # response for REQUEST_TIMEOUT (its default, 10 s, would expire the
+    # replay key mid-run).
     PEER_PORT=$(free_port)
     mkdir -p "$WORK/peer"
     cat >"$WORK/peer/.env" <<ENV
@@ -172,6 +174,7 @@ SERVER_ADDR=127.0.0.1:$PEER_PORT
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 URL_UP=http://127.0.0.1:$UP_PORT/api/orders
 LOG_LEVEL=warn
+REQUEST_TIMEOUT=600000
 ENV
     (cd "$WORK/peer" && exec "$PEER_BIN" >"$WORK/peer.out" 2>&1) &
     PIDS+=($!)
@@ -220,6 +223,7 @@ scenario "replay, Redis, 1 proxy" replay "$CONC" "$R1_PID" evalsha "$R1"
 REPLAY=$RPS REPLAY_CPU=$CPU
 scenario "replay, Redis, 3 proxies (sum)" replay $((CONC / 3)) - evalsha "$R1" "$R2" "$R3"
 if [[ -n $PEER ]]; then
+    curl -s -o /dev/null -X POST -H 'Idempotency-Key: replay-key' -H 'Content-Type: application/json' -d '{"amount":100,"currency":"EUR"}' "http://$PEER/URL_UP"
     PATH_ON=/URL_UP scenario "replay, peer (idempotent-proxy) on the same Redis" replay "$CONC" "$PEER_PID" set,get,del "$PEER"
     PEER_REPLAY=$RPS PEER_REPLAY_CPU=$CPU
 fi
