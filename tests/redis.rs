@@ -1167,6 +1167,16 @@ fn backend_settings_of_another_backend_are_errors() {
 /// replica for an original on another one: its replica subscribed to the
 /// key's channel.
 async fn wait_held_elsewhere(redis: &RedisServer, keys: &[&str]) {
+    assert!(
+        held_within(redis, keys, Duration::from_secs(15)).await,
+        "the duplicates were never held on the other replica"
+    );
+}
+
+/// True once a request for each of `keys` is held on some replica for an
+/// original on another one (its replica subscribed to the key's channel);
+/// false if that did not happen within `limit`.
+async fn held_within(redis: &RedisServer, keys: &[&str], limit: Duration) -> bool {
     let channels: Vec<String> = keys
         .iter()
         .map(|k| format!("{}:changed", redis_key("idemproxy", k)))
@@ -1183,12 +1193,11 @@ async fn wait_held_elsewhere(redis: &RedisServer, keys: &[&str]) {
             .filter_map(|l| l.trim().parse().ok())
             .collect();
         if counts.len() == keys.len() && counts.iter().all(|n| *n > 0) {
-            return;
+            return true;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the duplicates were never held on the other replica: {out}"
-        );
+        if start.elapsed() >= limit {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -1736,16 +1745,21 @@ async fn a_duplicate_held_on_another_replica_answers_right_after_the_original() 
         up.wait_arrived(before + keys.len()).await;
         let held: Vec<_> = keys.iter().map(|k| send(1, k)).collect();
         let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-        wait_held_elsewhere(&redis, &names).await;
+        // On a loaded machine the original may end before its duplicate is
+        // held: such a round is a plain replay, not a sample.
+        let sampled = held_within(&redis, &names, Duration::from_millis(300)).await;
         for (o, h) in originals.into_iter().zip(held) {
             let ((o, done), (h, held_done)) = (o.await.unwrap(), h.await.unwrap());
             assert_eq!(o.replayed(), Some("false"));
             assert_eq!(h.replayed(), Some("true"));
             assert_eq!(h.body, o.body);
-            lags.push(held_done.saturating_duration_since(done));
+            if sampled {
+                lags.push(held_done.saturating_duration_since(done));
+            }
         }
     }
     assert_eq!(up.executions_of("/v1/lag"), rounds * per_round);
+    assert!(!lags.is_empty(), "no round held its duplicates in time");
     lags.sort();
     let at = |q: f64| lags[((lags.len() as f64 * q).ceil() as usize).clamp(1, lags.len()) - 1];
     eprintln!(
