@@ -278,6 +278,74 @@ async fn ndjson_streams_by_default_and_an_empty_stream_types_buffers() {
     assert_eq!(buffered.finish().await.unwrap(), whole(2, 5));
 }
 
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+struct Redis(std::process::Child, u16);
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/test installs it)");
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Redis(child, port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not listen within 10s");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_on_another_replica_gets_the_whole_stream_after_its_end() {
+    let up = StreamUpstream::start().await;
+    let redis = Redis::start();
+    let cfg = format!(
+        "[upstream]\nurl = \"{}\"\ntimeout = \"30s\"\n[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:{}/0\"\n",
+        up.url(),
+        redis.1
+    );
+    let (a, b) = (Proxy::start(&cfg), Proxy::start(&cfg));
+    up.release(1);
+    let mut first = post_stream(&a.url("/v1/chat?gated=1"), "k-replicas").await;
+    first.read_until(&event(1, 1)).await.unwrap();
+
+    // Held on replica B while A streams: B answers once A's stream is stored.
+    let url_b = b.url("/v1/chat?gated=1");
+    let other = tokio::spawn(async move { post_stream(&url_b, "k-replicas").await });
+    up.release(5);
+    let original = first.finish().await.unwrap();
+    let other = other.await.unwrap();
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(other.header("idempotent-replayed"), Some("true"));
+    assert_eq!(other.finish().await.unwrap(), original);
+    assert_eq!(original, whole(1, 5));
+    assert_eq!(up.executions(), 1);
+}
+
 #[test]
 fn check_shows_stream_types_per_route_and_names_a_bad_one() {
     let dir = tempfile::tempdir().unwrap();
