@@ -302,9 +302,11 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server runs (scripts/test installs it)");
+        // Owned at once, so a panic below still kills and reaps it.
+        let redis = Redis(child, port);
         for _ in 0..500 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Redis(child, port);
+                return redis;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
