@@ -254,10 +254,9 @@ async fn a_stream_past_max_response_body_stays_live_and_is_not_replayable() {
 }
 
 #[tokio::test]
-async fn ndjson_streams_by_default_and_an_empty_stream_types_buffers() {
+async fn ndjson_streams_by_default() {
     let up = StreamUpstream::start().await;
-    let routes = "[[routes]]\npath = \"/buffered\"\nstream_types = []\n[[routes]]\npath = \"/v1/*\"\n";
-    let p = Proxy::start(&config(&up.url(), routes));
+    let p = Proxy::start(&config(&up.url(), ""));
     up.release(1);
     let mut lines = post_stream(&p.url("/v1/jobs?gated=1&ndjson=1"), "k-ndjson").await;
     assert_eq!(lines.header("content-type"), Some("application/x-ndjson"));
@@ -268,14 +267,26 @@ async fn ndjson_streams_by_default_and_an_empty_stream_types_buffers() {
     assert_eq!(up.sent(), 1, "the first line arrived while the second was held");
     up.release(5);
     lines.finish().await.unwrap();
+}
 
+#[tokio::test]
+async fn a_route_with_empty_stream_types_buffers_streams_as_before() {
+    let up = StreamUpstream::start().await;
+    let routes = "[[routes]]\npath = \"/buffered\"\nstream_types = []\n[[routes]]\npath = \"/v1/*\"\n";
+    let p = Proxy::start(&config(&up.url(), routes));
     // Buffered like any response: complete, with its length, before the head.
     let buffered = post_stream(&p.url("/buffered"), "k-buffered").await;
     assert_eq!(
         buffered.header("content-length"),
-        Some(whole(2, 5).len().to_string().as_str())
+        Some(whole(1, 5).len().to_string().as_str())
     );
-    assert_eq!(buffered.finish().await.unwrap(), whole(2, 5));
+    assert_eq!(buffered.finish().await.unwrap(), whole(1, 5));
+    let retry = Client::new()
+        .post_key(&p.url("/buffered"), "k-buffered", "{\"prompt\":\"hi\"}")
+        .await;
+    assert_eq!(retry.replayed(), Some("true"));
+    assert_eq!(retry.body, whole(1, 5));
+    assert_eq!(up.executions(), 1);
 }
 
 /// A `redis-server` on a free loopback port, without persistence; killed on drop.
