@@ -15,6 +15,9 @@
 ARG BASE=debian:bookworm-slim
 # Where the binary comes from: "build" (compiled below) or "prebuilt".
 ARG BINARY=build
+# The prebuilt binary's path in the build context (scripts/image-check may
+# use the debug build that the tests already made).
+ARG PREBUILT=target/release/idemproxy
 
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
@@ -26,7 +29,8 @@ RUN cargo build --release --locked --bin idemproxy \
  && install -D target/release/idemproxy /out/idemproxy
 
 FROM scratch AS prebuilt
-COPY target/release/idemproxy /out/idemproxy
+ARG PREBUILT
+COPY ${PREBUILT} /out/idemproxy
 
 # Only the stage named by BINARY is built (BuildKit and buildah skip the other).
 FROM ${BINARY} AS binary
