@@ -18,6 +18,7 @@
 //! test can compare bytes and headers exactly.
 #![allow(dead_code)]
 
+pub mod fault;
 pub mod flaky;
 pub mod tmpfs;
 
