@@ -133,16 +133,7 @@ impl App {
         }
         let server = &self.config.server;
         let started = tokio::time::Instant::now();
-        crate::server::serve(
-            listeners.main,
-            self.tls.clone(),
-            self.proxy.clone(),
-            server.header_read_timeout,
-            server.max_connections,
-            server.shutdown_grace,
-            shutdown,
-        )
-        .await;
+        crate::server::serve(listeners.main, self.tls.clone(), self.proxy.clone(), server, shutdown).await;
         // Detached leader tasks may outlive their client connections.
         let left = server
             .shutdown_grace

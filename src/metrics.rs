@@ -45,6 +45,8 @@ pub enum Outcome {
     invalid_token,
     /// Answered by the key status endpoint.
     status,
+    /// 408: the client's request body stalled past `server.body_read_timeout`.
+    request_timeout,
 }
 
 /// A latency histogram of atomic counters. prometheus-client's `Histogram`
@@ -123,7 +125,7 @@ const STORE_OPS: &[&str] = &[
 ];
 
 /// Every outcome, in declaration order (`Outcome as usize` indexes it).
-const OUTCOMES: [Outcome; 15] = [
+const OUTCOMES: [Outcome; 16] = [
     Outcome::passthrough,
     Outcome::stored,
     Outcome::replayed,
@@ -139,6 +141,7 @@ const OUTCOMES: [Outcome; 15] = [
     Outcome::expired,
     Outcome::invalid_token,
     Outcome::status,
+    Outcome::request_timeout,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

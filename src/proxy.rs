@@ -7,6 +7,7 @@
 //! sending leaves the outcome unknown.
 
 pub mod headers;
+pub mod timed_body;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,10 +25,11 @@ use crate::body::ResponseBody;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
+use timed_body::{BodyReadTimeout, TimedBody};
 
-/// A request body on its way upstream: the client's stream (pass-through)
-/// or the buffered bytes of a keyed request.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// A request body on its way upstream: the client's stream (pass-through,
+/// cut off when it stalls) or the buffered bytes of a keyed request.
+pub type UpstreamBody = Either<TimedBody<Incoming>, Full<Bytes>>;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -36,6 +38,8 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// `server.body_read_timeout`: the longest silence inside a request body.
+    pub body_read_timeout: Duration,
 }
 
 /// How an upstream exchange failed, by what the upstream may have seen.
@@ -183,20 +187,27 @@ impl Upstream {
     }
 
     /// Plain pass-through: both bodies stream, nothing is buffered.
+    ///
+    /// A client body that stalls past `body_read_timeout` aborts the upstream
+    /// request mid-body (the upstream connection is closed, so the upstream
+    /// never sees a complete request) and the client gets 408.
     pub async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> (Response<ResponseBody>, Outcome) {
         let (mut parts, body) = req.into_parts();
         self.prepare(&mut parts, conn);
         let deadline = tokio::time::Instant::now() + self.timeout;
-        match self
-            .send(Request::from_parts(parts, Either::Left(body)), deadline)
-            .await
-        {
+        let body = Either::Left(TimedBody::new(body, conn.body_read_timeout));
+        match self.send(Request::from_parts(parts, body), deadline).await {
             Ok(res) => {
                 let (parts, body) = res.into_parts();
                 (
                     Response::from_parts(parts, ResponseBody::upstream(body, deadline)),
                     Outcome::passthrough,
                 )
+            }
+            Err(UpstreamError::Broken(e)) if BodyReadTimeout::in_chain(e.as_ref()).is_some() => {
+                let stalled = BodyReadTimeout::in_chain(e.as_ref()).expect("just found");
+                tracing::debug!(error = %stalled, "pass-through request body stalled");
+                (stalled.problem().into_response(), Outcome::request_timeout)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "pass-through request failed");

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::body::ResponseBody;
 use crate::config::Rules;
 use crate::idempotency::{status, Engine};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::proxy::{ConnInfo, Upstream};
 
 /// Cheap to clone; one per connection.
@@ -55,6 +55,7 @@ impl Proxy {
 
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
         let start = Instant::now();
+        let version = req.version();
         let inner = &*self.inner;
         // The access log costs a few allocations; only pay when it is on.
         let access = tracing::enabled!(target: "idemproxy::access", tracing::Level::INFO);
@@ -92,6 +93,13 @@ impl Proxy {
                 }
             }
         };
+        let mut res = res;
+        if outcome == Outcome::request_timeout && version < http::Version::HTTP_2 {
+            // The rest of the stalled body may still come: the connection
+            // cannot carry another request.
+            res.headers_mut()
+                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         let elapsed = start.elapsed();
         inner.metrics.request(outcome, elapsed);
         if let Some((method, path, id)) = head {

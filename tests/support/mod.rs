@@ -18,6 +18,9 @@
 //! test can compare bytes and headers exactly.
 #![allow(dead_code)]
 
+pub mod body_probe;
+pub mod raw;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
