@@ -75,6 +75,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Connections accepted at once on the main listener; more wait in the backlog.
     pub max_connections: usize,
+    /// Serving threads, each with its own listening socket and upstream pool.
+    pub workers: usize,
 }
 
 impl ServerConfig {
@@ -82,7 +84,8 @@ impl ServerConfig {
     pub fn describe(&self) -> String {
         let d = |d: Duration| humantime::format_duration(d).to_string();
         format!(
-            "header_read_timeout={} body_read_timeout={} idle_timeout={} max_connections={} shutdown_grace={}{}",
+            "workers={} header_read_timeout={} body_read_timeout={} idle_timeout={} max_connections={} shutdown_grace={}{}",
+            self.workers,
             d(self.header_read_timeout),
             d(self.body_read_timeout),
             d(self.idle_timeout),
@@ -176,6 +179,11 @@ impl Config {
         if max_connections == 0 {
             return Err(e("server.max_connections", "must be at least 1".into()));
         }
+        let workers = match s.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(0) => return Err(e("server.workers", "must be at least 1".into())),
+            Some(n) => n as usize,
+        };
         let positive = |v, default_secs, key: &str| {
             let d = dur(v, default_secs);
             if d.is_zero() {
@@ -197,6 +205,7 @@ impl Config {
             body_read_timeout: positive(s.body_read_timeout, 30, "server.body_read_timeout")?,
             idle_timeout: positive(s.idle_timeout, 60, "server.idle_timeout")?,
             max_connections: max_connections as usize,
+            workers,
         };
 
         let u = raw.upstream;
@@ -503,6 +512,7 @@ mod tests {
                 &format!("{UP}[server]\nidle_timeout = \"soon\"\n"),
                 "server.idle_timeout",
             ),
+            (&format!("{UP}[server]\nworkers = 0\n"), "server.workers"),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text);

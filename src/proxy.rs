@@ -10,6 +10,7 @@ pub mod headers;
 pub mod timed_body;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use crate::body::ResponseBody;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
+use crate::server::worker;
 use timed_body::{BodyReadTimeout, TimedBody};
 
 /// A request body on its way upstream: the client's stream (pass-through,
@@ -78,16 +80,21 @@ impl UpstreamError {
 }
 
 /// The pooled upstream client. Cheap to clone.
+///
+/// One pool per serving worker (indexed by [`worker::index`]), plus one for
+/// any other thread: a worker's requests use connections that its own
+/// runtime drives, so an upstream exchange never leaves the worker.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, UpstreamBody>,
+    clients: Arc<[Client<Connector, UpstreamBody>]>,
     scheme: Scheme,
     authority: Authority,
     pub timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, file: &str) -> Result<Self, ConfigError> {
+    /// The client for `workers` serving workers.
+    pub fn new(config: &UpstreamConfig, file: &str, workers: usize) -> Result<Self, ConfigError> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -100,12 +107,16 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let clients = (0..=workers)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(config.pool_idle_timeout)
+                    .pool_max_idle_per_host(1024)
+                    .build(connector.clone())
+            })
+            .collect();
         let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTP);
         let authority = config
             .url
@@ -113,7 +124,7 @@ impl Upstream {
             .cloned()
             .expect("validated upstream URL has a host");
         Ok(Upstream {
-            client,
+            clients,
             scheme,
             authority,
             timeout: config.timeout,
@@ -175,7 +186,9 @@ impl Upstream {
         req: Request<UpstreamBody>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        let pools = self.clients.len();
+        let client = &self.clients[worker::index().map_or(pools - 1, |i| i.min(pools - 1))];
+        match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.timeout)),
             Ok(Ok(mut res)) => {
                 headers::strip_hop_by_hop(res.headers_mut());

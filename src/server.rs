@@ -9,6 +9,7 @@
 //! (further ones wait in the kernel's backlog).
 
 pub mod conn;
+pub mod worker;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,14 +31,15 @@ use crate::config::ServerConfig;
 use crate::proxy::ConnInfo;
 use crate::service::Proxy;
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and
-/// waits up to `server.shutdown_grace` for open connections to finish their
-/// requests.
+/// One worker's accept loop: serves `listener` until `shutdown` resolves,
+/// then stops accepting and waits up to `server.shutdown_grace` for open
+/// connections to finish their requests. `limit` is shared by all workers.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     proxy: Proxy,
     server: &ServerConfig,
+    limit: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -52,14 +54,13 @@ pub async fn serve(
     };
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(server.max_connections));
     tokio::pin!(shutdown);
 
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
+        // Accept, then wait for a slot: with one socket per worker, a worker
+        // holding a free slot while the next connection sits in another
+        // worker's queue would stall it. Each worker holds at most one
+        // accepted connection while waiting; the rest wait in the backlog.
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -70,6 +71,10 @@ pub async fn serve(
                     continue;
                 }
             },
+            () = &mut shutdown => break,
+        };
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);

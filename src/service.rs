@@ -23,14 +23,15 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Swapped whole on reload; requests load it once, without locking.
-    rules: ArcSwap<Rules>,
+    /// Swapped whole on reload (for every worker at once); requests load it
+    /// once, without locking.
+    rules: Arc<ArcSwap<Rules>>,
     engine: Engine,
     upstream: Upstream,
     metrics: Metrics,
     /// `server.status_path` followed by '/', if the endpoint is on.
     status_prefix: Option<String>,
-    request_ids: AtomicU64,
+    request_ids: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -43,12 +44,29 @@ impl Proxy {
     ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                rules: ArcSwap::new(rules),
+                rules: Arc::new(ArcSwap::new(rules)),
                 engine,
                 upstream,
                 metrics,
                 status_prefix: status_path.map(|p| format!("{p}/")),
-                request_ids: AtomicU64::new(0),
+                request_ids: Arc::new(AtomicU64::new(0)),
+            }),
+        }
+    }
+
+    /// A handle for one serving worker: the same rules, engine and metrics,
+    /// but a reference count of its own, so that cloning it per request
+    /// touches no memory another core writes.
+    pub fn for_worker(&self) -> Proxy {
+        let i = &*self.inner;
+        Proxy {
+            inner: Arc::new(Inner {
+                rules: i.rules.clone(),
+                engine: i.engine.clone(),
+                upstream: i.upstream.clone(),
+                metrics: i.metrics.clone(),
+                status_prefix: i.status_prefix.clone(),
+                request_ids: i.request_ids.clone(),
             }),
         }
     }

@@ -34,6 +34,7 @@ pub struct RawServer {
     pub body_read_timeout: Option<HumanDuration>,
     pub idle_timeout: Option<HumanDuration>,
     pub max_connections: Option<u32>,
+    pub workers: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -72,8 +72,9 @@ impl Phase {
         })
     }
 
+    /// Rounded up, so that a deadline computed from it is never early.
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.start.elapsed().as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
     }
 
     /// A request reached the service. The guard ends it when dropped (after
