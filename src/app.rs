@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
 use crate::config::{Config, ConfigError, StoreConfig};
+use crate::idempotency::limits::Limits;
 use crate::idempotency::Engine;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
@@ -110,7 +111,8 @@ impl App {
         let upstream = Upstream::new(&config.upstream, &file, config.server.workers)?;
         let metrics = Metrics::new();
         let store = Store::open(&config.store, metrics.clone()).await?;
-        let engine = Engine::new(store.clone(), upstream.clone(), metrics.clone());
+        let limits = Limits::new(config.server.max_keyed_requests, config.server.max_keyed_buffer);
+        let engine = Engine::new(store.clone(), upstream.clone(), metrics.clone(), limits);
         let proxy = Proxy::new(
             config.rules.clone(),
             engine.clone(),

@@ -3,7 +3,8 @@
 //! An enum instead of a boxed trait object: a pass-through response streams
 //! the upstream body as it arrives (bounded by the upstream deadline), a
 //! replay or problem is one `Bytes`, and a leader whose response is too large
-//! to store streams it through a channel from the detached upstream task. No
+//! to store streams it through a channel from the detached upstream task, and
+//! a streamed keyed response (SPEC §7) is read from its shared recording. No
 //! per-response allocation is needed to pick between them.
 
 use std::future::Future;
@@ -15,6 +16,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
+
+use crate::idempotency::recording::Reader;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -32,6 +35,8 @@ pin_project_lite::pin_project! {
         Full { data: Option<Bytes> },
         /// Chunks handed over by a detached task.
         Channel { rx: mpsc::Receiver<Result<Bytes, BoxError>> },
+        /// A streamed response, read from the recording every client shares.
+        Recorded { reader: Reader },
     }
 }
 
@@ -70,6 +75,7 @@ impl Body for ResponseBody {
             },
             Proj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Proj::Channel { rx } => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            Proj::Recorded { reader } => reader.poll_chunk(cx).map(|o| o.map(|r| r.map(Frame::data))),
         }
     }
 
@@ -78,6 +84,7 @@ impl Body for ResponseBody {
             ResponseBody::Upstream { body, .. } => body.is_end_stream(),
             ResponseBody::Full { data } => data.is_none(),
             ResponseBody::Channel { .. } => false,
+            ResponseBody::Recorded { reader } => reader.is_done(),
         }
     }
 
@@ -85,7 +92,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream { body, .. } => body.size_hint(),
             ResponseBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            ResponseBody::Channel { .. } => SizeHint::default(),
+            ResponseBody::Channel { .. } | ResponseBody::Recorded { .. } => SizeHint::default(),
         }
     }
 }

@@ -77,6 +77,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Serving threads, each with its own listening socket and upstream pool.
     pub workers: usize,
+    /// Keyed requests in progress at once (leaders, detached or not, and
+    /// held duplicates); more get 503 `overloaded`.
+    pub max_keyed_requests: usize,
+    /// Bytes of keyed request bodies held in memory at once.
+    pub max_keyed_buffer: u64,
 }
 
 impl ServerConfig {
@@ -191,6 +196,14 @@ impl Config {
             }
             Ok(d)
         };
+        let max_keyed_requests = s.max_keyed_requests.unwrap_or(4096);
+        if max_keyed_requests == 0 {
+            return Err(e("server.max_keyed_requests", "must be at least 1".into()));
+        }
+        let max_keyed_buffer = s.max_keyed_buffer.map_or(256 << 20, |b| b.0);
+        if max_keyed_buffer == 0 {
+            return Err(e("server.max_keyed_buffer", "must be greater than 0".into()));
+        }
         let server = ServerConfig {
             listen,
             admin_listen,
@@ -206,6 +219,8 @@ impl Config {
             idle_timeout: positive(s.idle_timeout, 60, "server.idle_timeout")?,
             max_connections: max_connections as usize,
             workers,
+            max_keyed_requests: max_keyed_requests as usize,
+            max_keyed_buffer,
         };
 
         let u = raw.upstream;
@@ -253,6 +268,20 @@ impl Config {
                 enabled: r.enabled.unwrap_or(true),
                 policy: Arc::new(policy),
             });
+        }
+        // A body the buffer bound can never admit would get 503 forever.
+        let largest = routes
+            .iter()
+            .map(|r| r.policy.max_body)
+            .fold(defaults.max_body, u64::max);
+        if largest > server.max_keyed_buffer {
+            return Err(e(
+                "server.max_keyed_buffer",
+                format!(
+                    "{} bytes is less than the largest max_body ({largest} bytes)",
+                    server.max_keyed_buffer
+                ),
+            ));
         }
         Ok(Config {
             source: None,

@@ -20,12 +20,16 @@
 //! The leader's work runs in a task of its own, detached from the client's
 //! connection: a client that disconnects does not cancel the upstream call,
 //! and the result is still stored, so its retry is a replay. The response is
-//! made durable before anyone, the leader's own client included, sees it.
+//! made durable before anyone, the leader's own client included, sees it;
+//! except a stream (`stream_types`, SPEC §7), which every client reads live
+//! from one shared [`recording`] and which is stored when it ends.
 
 pub mod flight;
 pub mod jwt;
 pub mod key;
 mod leader;
+pub mod limits;
+pub mod recording;
 pub mod replay;
 pub mod status;
 pub mod tenant;
@@ -42,6 +46,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use self::flight::{Flight, Flights, Joined, Shared};
+use self::limits::Limits;
 use crate::body::ResponseBody;
 use crate::config::Policy;
 use crate::metrics::{Metrics, Outcome};
@@ -62,6 +67,8 @@ struct Inner {
     metrics: Metrics,
     /// Detached leader tasks, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// The bound on keyed work in progress, detached tasks included.
+    limits: Limits,
 }
 
 type Answer = (Response<ResponseBody>, Outcome);
@@ -84,7 +91,7 @@ fn problem(p: Problem, outcome: Outcome) -> Answer {
 }
 
 impl Engine {
-    pub fn new(store: Store, upstream: Upstream, metrics: Metrics) -> Self {
+    pub fn new(store: Store, upstream: Upstream, metrics: Metrics, limits: Limits) -> Self {
         Engine {
             inner: Arc::new(Inner {
                 store,
@@ -92,6 +99,7 @@ impl Engine {
                 upstream,
                 metrics,
                 tasks: TaskTracker::new(),
+                limits,
             }),
         }
     }
@@ -134,11 +142,21 @@ impl Engine {
                 return problem(p, outcome);
             }
         };
+        // Held until this request's work is done: by the detached leader
+        // task, or here while a duplicate waits.
+        let mut admission = match self.inner.limits.admit() {
+            Ok(a) => a,
+            Err(p) => return problem(p, Outcome::overloaded),
+        };
         let body = match read_body(&parts.headers, body, policy.max_body, conn.body_read_timeout).await {
             Ok(b) => b,
             Err(p) if p.code == Code::RequestTimeout => return problem(p, Outcome::request_timeout),
             Err(p) => return problem(p, Outcome::too_large),
         };
+        if let Err(p) = self.inner.limits.hold_body(&mut admission, body.len()) {
+            return problem(p, Outcome::overloaded);
+        }
+        let mut admission = Some(admission);
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let fp = key::fingerprint(&parts.method, pq, &body);
         let key = key.unwrap_or_else(|| hex::encode(fp));
@@ -172,7 +190,11 @@ impl Engine {
                 fingerprint,
                 reply,
             };
-            self.inner.tasks.spawn(task.run());
+            let admission = admission.take();
+            self.inner.tasks.spawn(async move {
+                let _admission = admission;
+                task.run().await
+            });
             return answer.await.unwrap_or_else(|_| {
                 problem(
                     Problem::new(Code::UpstreamUnavailable, "the request failed inside the proxy"),
@@ -212,6 +234,9 @@ impl Engine {
             // mismatch (the key holds another request), ask the store again.
             let mut executing = flight.executing();
             return tokio::select! {
+                // A stream is published while its flight is still open: the
+                // leader owns the key by then, so this is a mismatch.
+                biased;
                 _ = executing.wait_for(|e| *e) => Followed::Answer(problem(reused(), Outcome::mismatch)),
                 _ = rx.wait_for(Option::is_some) => Followed::Rejoin,
                 () = tokio::time::sleep(policy.wait_timeout) => {
@@ -227,6 +252,10 @@ impl Engine {
         Followed::Answer(match shared {
             Some(Shared::Response(r)) => (r.response(now_ms()), Outcome::coalesced),
             Some(Shared::Problem(p, o)) => problem(p, o),
+            Some(Shared::Stream(rec)) => match rec.reader() {
+                Some(reader) => (replay::joined(&rec, reader, now_ms()), Outcome::coalesced),
+                None => problem(not_replayable(), Outcome::conflict),
+            },
             None => problem(
                 Problem::new(Code::UpstreamUnavailable, "the original request was abandoned"),
                 Outcome::upstream_error,
@@ -245,6 +274,13 @@ fn reused() -> Problem {
     Problem::new(
         Code::IdempotencyKeyReused,
         "this idempotency key was used with a different request (method, path or body); use a new key",
+    )
+}
+
+fn not_replayable() -> Problem {
+    Problem::new(
+        Code::ResponseNotReplayable,
+        "the original response is larger than max_response_body and is not kept; it cannot be replayed",
     )
 }
 

@@ -17,11 +17,15 @@
 //! - [`admin`] serves health, readiness, [`metrics`] and the records API on
 //!   a separate listener.
 //!
+//! - [`call`] is the other side: `idemproxy call`, the client that keeps
+//!   one key across its retries and reports `created` or `replayed`.
+//!
 //! [`app::App`] wires it all together; `main.rs` only parses the command line.
 
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod idempotency;

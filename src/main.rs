@@ -20,6 +20,7 @@ use idemproxy::config::{Config, LogFormat, Overrides};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Call(args) => idemproxy::call::main(args),
         Command::Check(arg) => {
             let (path, explicit) = arg.path();
             match Config::load(&path, explicit, &Overrides::default()).and_then(|c| {

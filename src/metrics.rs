@@ -47,6 +47,8 @@ pub enum Outcome {
     status,
     /// 408: the client's request body stalled past `server.body_read_timeout`.
     request_timeout,
+    /// 503: `server.max_keyed_requests` or `server.max_keyed_buffer` reached.
+    overloaded,
 }
 
 /// A latency histogram of atomic counters. prometheus-client's `Histogram`
@@ -249,7 +251,7 @@ const STORE_OPS: &[&str] = &[
 ];
 
 /// Every outcome, in declaration order (`Outcome as usize` indexes it).
-const OUTCOMES: [Outcome; 16] = [
+const OUTCOMES: [Outcome; 17] = [
     Outcome::passthrough,
     Outcome::stored,
     Outcome::replayed,
@@ -266,6 +268,7 @@ const OUTCOMES: [Outcome; 16] = [
     Outcome::invalid_token,
     Outcome::status,
     Outcome::request_timeout,
+    Outcome::overloaded,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -7,12 +7,15 @@
 //! document back with the components added and, on exactly the operations a
 //! configured route covers, the key parameter (required where the route
 //! requires a key), the header on every response, and the problem responses.
+//! An operation that declares a streamed response (`text/event-stream`, or any
+//! of the route's `stream_types`) also gets `x-idempotency-replay`, saying how
+//! the proxy delivers and replays its stream (SPEC §7).
 //! The output keeps the input's format (JSON in, JSON out; YAML otherwise).
 
 use http::Method;
 use serde_json::{json, Map, Value};
 
-use crate::config::{Policy, Rules};
+use crate::config::{LostOutcome, Policy, Rules};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenApiError {
@@ -164,6 +167,12 @@ fn annotate_operation(op: &mut Map<String, Value>, policy: &Policy) {
             }
         }
     }
+    if let Some(replay) = stream_replay(responses, policy) {
+        op.insert("x-idempotency-replay".to_owned(), replay);
+    }
+    let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+        return;
+    };
     for (status, name) in [
         ("400", "IdempotencyBadRequest"),
         ("409", "IdempotencyConflict"),
@@ -175,6 +184,44 @@ fn annotate_operation(op: &mut Map<String, Value>, policy: &Policy) {
             .entry(status)
             .or_insert(json!({"$ref": format!("#/components/responses/{name}")}));
     }
+}
+
+/// How the proxy treats this operation's streamed responses, if it declares
+/// any: live and recorded when their media type is in `stream_types`, else
+/// buffered like any other response.
+fn stream_replay(responses: &Map<String, Value>, policy: &Policy) -> Option<Value> {
+    let declared: Vec<String> = responses
+        .values()
+        .filter_map(|r| r.get("content").and_then(Value::as_object))
+        .flat_map(|c| c.keys().map(|k| k.to_ascii_lowercase()))
+        .collect();
+    let live: Vec<&String> = declared.iter().filter(|t| policy.stream_types.contains(t)).collect();
+    if live.is_empty() {
+        if !declared.iter().any(|t| t == "text/event-stream") {
+            return None;
+        }
+        return Some(json!({
+            "mode": "buffered",
+            "description": "The proxy does not stream this route's responses (its stream_types leaves them out): \
+                            the whole response is stored before any client sees a byte, then replayed to retries.",
+        }));
+    }
+    let types = live.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ");
+    let broken = match policy.on_lost_outcome {
+        LostOutcome::Reject => "retries with the same key get 409 `outcome_unknown` and are not executed",
+        LostOutcome::Retry => "a retry with the same key executes the request again",
+    };
+    Some(json!({
+        "mode": "stream",
+        "description": format!(
+            "Streamed responses ({types}) reach the first client as the API sends them, and are recorded. \
+             A duplicate sent while the stream runs receives everything sent so far at once, then the rest live \
+             (`Idempotent-Replayed: true`). A retry after a clean end replays the whole stream. A stream that is \
+             cut off (the body fails instead of ending cleanly) has an unknown outcome: {broken}. A stream longer \
+             than {} bytes is delivered but not kept: retries get 409 `response_not_replayable`.",
+            policy.max_response_body
+        ),
+    }))
 }
 
 #[cfg(test)]

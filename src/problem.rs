@@ -32,6 +32,8 @@ pub enum Code {
     UpstreamTimeout,
     BadRequest,
     MethodNotAllowed,
+    /// The bound on keyed requests in progress (or the bytes they hold) is reached.
+    Overloaded,
 }
 
 impl Code {
@@ -53,6 +55,7 @@ impl Code {
             Code::UpstreamTimeout => "upstream_timeout",
             Code::BadRequest => "bad_request",
             Code::MethodNotAllowed => "method_not_allowed",
+            Code::Overloaded => "overloaded",
         }
     }
 
@@ -66,7 +69,7 @@ impl Code {
             Code::IdempotencyKeyExpired => StatusCode::GONE,
             Code::IdempotencyKeyUnknown => StatusCode::NOT_FOUND,
             Code::InvalidToken => StatusCode::UNAUTHORIZED,
-            Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::StoreUnavailable | Code::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -91,6 +94,7 @@ impl Code {
             Code::UpstreamTimeout => "Upstream timed out",
             Code::BadRequest => "Bad request",
             Code::MethodNotAllowed => "Method not allowed",
+            Code::Overloaded => "Too many keyed requests in progress",
         }
     }
 }

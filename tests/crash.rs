@@ -370,3 +370,113 @@ async fn corrupt_store_record_is_503_and_nothing_is_forwarded() {
         "{text}"
     );
 }
+
+/// `sync = "always"`: whoever asks, nobody sees a completed response before
+/// it is durable. Every flush is delayed by the test-only
+/// `IDEMPROXY_TEST_FLUSH_DELAY_MS`, which holds a completion written but
+/// not yet on disk for 1.5 s; retries, the records API and the status
+/// endpoint ask all through that window, and the proxy is SIGKILLed the
+/// moment any of them sees the result. After the restart the key must not
+/// be `lost`: what a client saw was durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_seen_before_it_is_durable() {
+    let up = Upstream::start().await;
+    let cfg = conf(
+        &up.url(),
+        "10s",
+        "sync = \"always\"",
+        "[server]\nstatus_path = \"/_idempotency\"\n\n[idempotency]\non_lost_outcome = \"reject\"\n",
+    );
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut proxy = Proxy::try_start_in(dir.clone(), &cfg, &[("IDEMPROXY_TEST_FLUSH_DELAY_MS", "1500")]).unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(&str, Option<Bytes>)>();
+    let raw = Arc::new(raw_client());
+    let url = proxy.url("/v1/orders/window");
+    let leader = tokio::spawn({
+        let (raw, url, seen) = (raw.clone(), url.clone(), seen_tx.clone());
+        async move {
+            if let Ok(r) = try_post(&raw, &url, "window", "{}").await {
+                let _ = seen.send(("the first client", Some(r.body)));
+            }
+        }
+    });
+    // Claimed (durably) and executing: the completion is about to be written.
+    up.wait_arrived(1).await;
+    let mut askers = vec![leader];
+    // Retries, one every 25 ms: those that arrive after the completion was
+    // written but before its flush must not be answered from it.
+    askers.push(tokio::spawn({
+        let (raw, url, seen) = (raw.clone(), url.clone(), seen_tx.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            let mut retries = Vec::new();
+            for _ in 0..120 {
+                tick.tick().await;
+                let (raw, url, seen) = (raw.clone(), url.clone(), seen.clone());
+                retries.push(tokio::spawn(async move {
+                    if let Ok(r) = try_post(&raw, &url, "window", "{}").await {
+                        assert_eq!(r.status, StatusCode::CREATED);
+                        let _ = seen.send(("a retry", Some(r.body)));
+                    }
+                }));
+            }
+            for r in retries {
+                r.await.unwrap();
+            }
+        }
+    }));
+    // The records API and the status endpoint, polled the same way.
+    for (who, url) in [
+        (
+            "the records API",
+            proxy.admin_url("/v1/records?tenant=anonymous&key=window"),
+        ),
+        ("the status endpoint", proxy.url("/_idempotency/window")),
+    ] {
+        let (raw, seen) = (raw.clone(), seen_tx.clone());
+        askers.push(tokio::spawn(async move {
+            for _ in 0..120 {
+                let req = Request::get(&url).body(Full::new(Bytes::new())).unwrap();
+                let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(30), raw.request(req)).await else {
+                    return;
+                };
+                let Ok(body) = res.into_body().collect().await else {
+                    return;
+                };
+                let v: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+                if v["state"] == "completed" {
+                    let _ = seen.send((who, None));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }));
+    }
+    drop(seen_tx);
+    let (who, body) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+        .await
+        .expect("someone saw the result within 30s")
+        .expect("someone saw the result");
+    proxy.kill();
+    for a in askers {
+        a.await.unwrap();
+    }
+    drop(proxy);
+
+    let proxy = Proxy::start_in(dir, &cfg);
+    let c = Client::new();
+    let rec = record(&c, &proxy, "anonymous", "window")
+        .await
+        .expect("the key is known");
+    assert_eq!(
+        rec["state"], "completed",
+        "{who} saw the result before it was durable: after a crash the key is {}",
+        rec["state"]
+    );
+    let replay = c.post_key(&proxy.url("/v1/orders/window"), "window", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"));
+    if let Some(body) = body {
+        assert_eq!(replay.body, body, "{who} saw the bytes that were stored");
+    }
+    assert_eq!(up.executions(), 1);
+}

@@ -72,6 +72,9 @@ pub struct Policy {
     pub max_waiters: u32,
     pub tenant: TenantSource,
     pub derive_key: bool,
+    /// Media types (lowercase, no parameters) whose responses are forwarded
+    /// live and recorded as they arrive instead of buffered; empty = always buffer.
+    pub stream_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +132,21 @@ impl Rules {
 }
 
 impl Policy {
+    /// True when a response with this `Content-Type` is a stream to forward
+    /// live (its media type, parameters aside, is one of `stream_types`).
+    pub fn streams(&self, content_type: Option<&http::HeaderValue>) -> bool {
+        if self.stream_types.is_empty() {
+            return false;
+        }
+        let Some(media) = content_type
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim())
+        else {
+            return false;
+        };
+        self.stream_types.iter().any(|t| t.eq_ignore_ascii_case(media))
+    }
+
     pub(super) fn describe(&self) -> String {
         let tenant = match &self.tenant {
             TenantSource::Authorization => "authorization".to_owned(),
@@ -137,7 +155,7 @@ impl Policy {
             TenantSource::Jwt(j) => format!("jwt:{}", j.claim),
         };
         format!(
-            "methods={} header={} required={} ttl={} wait_timeout={} fingerprint={} max_body={} max_response_body={} on_lost_outcome={:?} max_waiters={} tenant={} derive_key={}",
+            "methods={} header={} required={} ttl={} wait_timeout={} fingerprint={} max_body={} max_response_body={} on_lost_outcome={:?} max_waiters={} tenant={} derive_key={} stream_types={}",
             methods_str(&self.methods),
             self.header,
             self.required,
@@ -150,6 +168,11 @@ impl Policy {
             self.max_waiters,
             tenant,
             self.derive_key,
+            if self.stream_types.is_empty() {
+                "[]".to_owned()
+            } else {
+                self.stream_types.join(",")
+            },
         )
         .replace("Reject", "reject")
         .replace("Retry", "retry")
@@ -238,6 +261,7 @@ pub(super) fn policy(own: &RawPolicy, base: Option<&RawPolicy>, at: &str, file: 
         }
     };
     let max_waiters = pick!(max_waiters).unwrap_or(1024);
+    let stream_types = stream_types(pick!(stream_types), &e)?;
     let tenant = match pick!(tenant) {
         None | Some(RawTenant::Authorization) => TenantSource::Authorization,
         Some(RawTenant::None) => TenantSource::None,
@@ -322,5 +346,31 @@ pub(super) fn policy(own: &RawPolicy, base: Option<&RawPolicy>, at: &str, file: 
         max_waiters,
         tenant,
         derive_key: pick!(derive_key).unwrap_or(false),
+        stream_types,
     })
+}
+
+/// `stream_types`: bare media types (`type/subtype`), kept lowercase.
+fn stream_types(
+    raw: Option<Vec<String>>,
+    e: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(vec!["text/event-stream".to_owned(), "application/x-ndjson".to_owned()]);
+    };
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    raw.iter()
+        .enumerate()
+        .map(|(i, t)| match t.split_once('/') {
+            Some((ty, sub)) if token(ty) && token(sub) => Ok(t.to_ascii_lowercase()),
+            _ => Err(e(
+                &format!("stream_types[{i}]"),
+                format!("{t:?} is not a media type like \"text/event-stream\" (no parameters)"),
+            )),
+        })
+        .collect()
 }

@@ -35,6 +35,8 @@ pub struct RawServer {
     pub idle_timeout: Option<HumanDuration>,
     pub max_connections: Option<u32>,
     pub workers: Option<u32>,
+    pub max_keyed_requests: Option<u32>,
+    pub max_keyed_buffer: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +98,7 @@ pub struct RawPolicy {
     pub max_waiters: Option<u32>,
     pub tenant: Option<RawTenant>,
     pub derive_key: Option<bool>,
+    pub stream_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

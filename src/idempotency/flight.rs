@@ -6,6 +6,10 @@
 //! finishing (a panic, a cancelled task) still wakes every follower, with an
 //! error, so nobody waits for a leader that is gone.
 //!
+//! A streamed response is published as soon as its head arrives
+//! ([`Leader::stream`]) while the flight stays open, so duplicates that
+//! arrive mid-stream still join it and read the recording.
+//!
 //! The map is sharded (dashmap) and no shard guard is ever held across an
 //! `.await`. Followers cost the store nothing: whatever backend is used, only
 //! the leader talks to it.
@@ -17,6 +21,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
+use super::recording::Recording;
 use super::replay::Replay;
 use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
@@ -29,6 +34,8 @@ pub enum Shared {
     Response(Arc<Replay>),
     /// A problem to answer with, and how to count it.
     Problem(Problem, Outcome),
+    /// A streamed response, recorded as it arrives: read it from the start.
+    Stream(Arc<Recording>),
 }
 
 pub struct Flight {
@@ -120,14 +127,21 @@ impl Leader {
         &self.key
     }
 
-    /// Publishes the outcome to every follower and ends the flight. The key is
-    /// removed first, so a request that arrives afterwards is not treated as a
-    /// held duplicate but goes to the store.
     /// Tells followers that this leader's request is the one the key holds.
     pub fn executing(&self) {
         self.flight.executing.send_replace(true);
     }
 
+    /// Hands a response that is still streaming to every follower, present
+    /// and future, without ending the flight: a duplicate that arrives while
+    /// the stream runs joins it instead of going to the store.
+    pub fn stream(&self, recording: Arc<Recording>) {
+        self.flight.done.send_replace(Some(Shared::Stream(recording)));
+    }
+
+    /// Publishes the outcome to every follower and ends the flight. The key is
+    /// removed first, so a request that arrives afterwards is not treated as a
+    /// held duplicate but goes to the store.
     pub fn finish(mut self, shared: Shared) {
         self.finished = true;
         self.flights

@@ -1,17 +1,21 @@
 //! The leader's detached task: claim the key in the store, run the upstream
 //! exchange, finish the record durably, then answer the leader's client and
-//! every held follower.
+//! every held follower. A stream (SPEC §7) is answered at its head instead:
+//! every client reads the [`Recording`] live, and the record is finished when
+//! the upstream ends, before any client sees that end.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::HeaderValue;
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+mod stream;
 
 use super::flight::{Leader, Shared};
 use super::key::LogKey;
@@ -39,6 +43,8 @@ enum Read {
     Complete(Bytes),
     /// Too large to keep: what was read so far, and the rest of the stream.
     TooLarge(Vec<Bytes>, Incoming),
+    /// A stream (`stream_types`): nothing read yet; forwarded live.
+    Stream(Incoming),
 }
 
 impl LeaderTask {
@@ -153,6 +159,9 @@ impl LeaderTask {
         let exchange = async {
             let res = inner.upstream.send(req, deadline).await?;
             let (head, body) = res.into_parts();
+            if self.policy.streams(head.headers.get(CONTENT_TYPE)) {
+                return Ok((head, Read::Stream(body)));
+            }
             let read = read_up_to(body, limit, deadline, inner.upstream.timeout).await?;
             Ok::<_, UpstreamError>((head, read))
         };
@@ -205,6 +214,7 @@ impl LeaderTask {
                 self.done((own, Outcome::not_stored), Shared::Problem(p, Outcome::conflict));
                 pump(prefix, rest, tx, deadline).await;
             }
+            Read::Stream(body) => self.stream(token, head, body, deadline, storable).await,
         }
     }
 

@@ -122,23 +122,56 @@ impl Record {
         }
     }
 
-    /// Serialized form kept by the embedded store: a format byte, then postcard.
+    /// When a sweeper should next look at this record: when the response
+    /// expires if a tombstone outlives it, else when the record is gone.
+    pub fn sweep_due(&self) -> u64 {
+        match self {
+            Record::Completed(c) if c.tombstone_until > c.expires_at => c.expires_at,
+            other => other.gone_at(),
+        }
+    }
+
+    /// Serialized form: a format byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT];
         postcard::to_io(self, &mut out).expect("writing to a Vec cannot fail");
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
-        match bytes.split_first() {
-            Some((&FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| DecodeError(e.to_string())),
-            Some((v, _)) => Err(DecodeError(format!("unknown record format {v}"))),
-            None => Err(DecodeError("empty record".into())),
+    /// The embedded store's form: [`Record::sweep_due`] in a fixed 8-byte
+    /// header before the postcard body, so a sweep reads when a record is
+    /// due without decoding it, and needs no second index tree.
+    pub fn encode_stamped(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(FORMAT_STAMPED);
+        out.extend_from_slice(&self.sweep_due().to_be_bytes());
+        postcard::to_io(self, &mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// The sweep due time of a stamped record, read from its header; `None`
+    /// for another format (decode it instead).
+    pub fn stamped_due(bytes: &[u8]) -> Option<u64> {
+        match bytes {
+            [FORMAT_STAMPED, due @ ..] if due.len() >= 8 => Some(u64::from_be_bytes(due[..8].try_into().ok()?)),
+            _ => None,
         }
+    }
+
+    /// Reads either form.
+    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        let body = match bytes.split_first() {
+            Some((&FORMAT, rest)) => rest,
+            Some((&FORMAT_STAMPED, rest)) if rest.len() >= 8 => &rest[8..],
+            Some((v, _)) => return Err(DecodeError(format!("unknown record format {v}"))),
+            None => return Err(DecodeError("empty record".into())),
+        };
+        postcard::from_bytes(body).map_err(|e| DecodeError(e.to_string()))
     }
 }
 
 const FORMAT: u8 = 1;
+const FORMAT_STAMPED: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt record: {0}")]

@@ -19,7 +19,9 @@
 #![allow(dead_code)]
 
 pub mod body_probe;
+pub mod flaky;
 pub mod raw;
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -751,3 +753,4 @@ pub async fn record(c: &Client, p: &Proxy, tenant: &str, key: &str) -> Option<se
         s => panic!("records API answered {s}: {:?}", r.body),
     }
 }
+pub mod streaming;

@@ -122,6 +122,17 @@ fn encode_decode_roundtrip() {
     assert!(Record::decode(&[]).is_err());
 }
 
+#[test]
+fn a_stamped_record_tells_when_it_is_due_without_decoding() {
+    let r = Record::Completed(completed(3, 5, 10));
+    let bytes = r.encode_stamped();
+    assert_eq!(Record::decode(&bytes).unwrap(), r);
+    assert_eq!(Record::stamped_due(&bytes), Some(r.sweep_due()));
+    assert_eq!(Record::stamped_due(&r.encode()), None, "the plain form has no header");
+    assert!(Record::decode(&[2, 0, 0]).is_err(), "a truncated header is corrupt");
+    assert_eq!(Record::stamped_due(&[2, 0, 0]), None);
+}
+
 // ---------------------------------------------------------------------------
 // The state machine against a model.
 //
