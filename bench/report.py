@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Turns the results.jsonl of bench/run.sh into the Markdown report: the
-table of every scenario (rps, p50, p99, ratios measured in the same run, CPU
-per request), the hot-key and memory figures, and the targets of issue 4.
+"""Turns the results.jsonl of bench/run.sh into the Markdown report: per load
+tool, a table of every scenario for each build (before/after), with rps, p50,
+p99, ratios to nginx measured in the same run and CPU per request; the
+hot-key and memory figures; and the targets of issue 15.
 
 usage: report.py RESULTS.jsonl CLK_TCK
 """
@@ -15,21 +16,15 @@ CLK_TCK = int(sys.argv[2])
 meta = {r["key"]: r["value"] for r in rows if r["kind"] == "meta"}
 loads = {}
 
-LABELS = {
-    "direct": "direct upstream (no proxy)",
-    "nginx": "nginx pass-through",
-    "idemproxy": "idemproxy pass-through",
-    "replay": "idemproxy replay (one key, all hits)",
-    "unique_interval": "idemproxy unique keys, sync = interval (derived keys)",
-    "unique_always": "idemproxy unique keys, sync = always (derived keys)",
-    "wrk_direct": "direct upstream (no proxy)",
-    "wrk_nginx": "nginx pass-through",
-    "wrk_replay": "idemproxy replay (one key, all hits)",
-    "wrk_idemproxy": "idemproxy pass-through",
-    "wrk_unique_interval": "idemproxy unique keys, sync = interval (Idempotency-Key header)",
-    "wrk_unique_always": "idemproxy unique keys, sync = always (Idempotency-Key header)",
-    "memory_store": "idemproxy storing the memory scenario's keys (sync = interval)",
-}
+SCENARIOS = [
+    ("pass", "pass-through (GET, no key)"),
+    ("replay_sled", "replay, sled (one key, all hits)"),
+    ("replay_memory", "replay, memory store"),
+    ("unique_interval", "unique keys, sled sync = interval"),
+    ("unique_always", "unique keys, sled sync = always"),
+]
+BUILDS = ["before", "after", "one"]
+BUILD_LABEL = {"before": "before", "after": "after", "one": "after, workers = 1"}
 
 
 def parse_load(r):
@@ -78,44 +73,66 @@ def fmt(v, spec="{:.2f}"):
     return "–" if v is None else spec.format(v)
 
 
-def base_of(name):
-    return "wrk_nginx" if name.startswith("wrk_") else "nginx"
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
-def pass_of(name):
-    return "wrk_idemproxy" if name.startswith("wrk_") else "idemproxy"
+def baseline(tool):
+    """nginx as reverse proxy: the mean of the runs at the start and the end."""
+    runs = [loads[n] for n in (f"{tool}_nginx", f"{tool}_nginx_end") if n in loads]
+    if not runs:
+        return None
+    return {k: mean([r[k] for r in runs]) for k in ("rps", "p50", "p99", "proxy_us")}
+
+
+def row(label, build, d, base, pass_rps=None):
+    ratio = d["rps"] / base["rps"] if base else None
+    p99r = d["p99"] / base["p99"] if base and base["p99"] else None
+    cpur = d["proxy_us"] / base["proxy_us"] if base and d["proxy_us"] is not None and base["proxy_us"] else None
+    pr = d["rps"] / pass_rps if pass_rps else None
+    print(
+        f"| {label} | {build} | {d['rps']:.0f} | {d['p50']:.2f} | {d['p99']:.2f} | {fmt(ratio)}× | {fmt(p99r)}× "
+        f"| {fmt(pr) + '×' if pr else '–'} | {fmt(d['proxy_us'], '{:.1f}')} | {fmt(cpur) + '×' if cpur else '–'} "
+        f"| {fmt(d['upstream_us'], '{:.1f}')} | {fmt(d['other_us'], '{:.1f}')} | {d['bad'] or 0} |"
+    )
 
 
 print("## Results\n")
 print(f"- machine: {meta.get('nproc')} cores ({meta.get('cpu')}), {meta.get('mem')}, Linux {meta.get('kernel')}")
-print(f"- idemproxy: {meta.get('commit')} (release build); tools: {meta.get('versions')}")
+print(f"- idemproxy after: {meta.get('commit')} (release build)"
+      + (f"; before: {meta['before']}" if "before" in meta else ""))
+print(f"- tools: {meta.get('versions')}")
 print(f"- settings: {meta.get('settings')}")
 print(f"- load average (1, 5, 15 min) at start: {' '.join(meta.get('load_start', '').split()[:3])}; "
       f"at end: {' '.join(meta.get('load_end', '').split()[:3])}")
 print()
-print("| scenario | tool | requests | rps | p50 ms | p99 ms | rps vs nginx | p99 vs nginx | rps vs idemproxy pass-through "
-      "| proxy CPU µs/req | upstream CPU µs/req | other CPU µs/req | non-2xx / errors |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for name, d in loads.items():
-    if name == "memory_store":
+for tool in ("oha", "wrk"):
+    base = baseline(tool)
+    if base is None:
         continue
-    b = loads.get(base_of(name))
-    p = loads.get(pass_of(name))
-    ratio = d["rps"] / b["rps"] if b else None
-    p99r = d["p99"] / b["p99"] if b and b["p99"] else None
-    pr = d["rps"] / p["rps"] if p and "unique" in name else None
-    print(
-        f"| {LABELS.get(name, name)} | {d['tool']} | {d['requests']} | {d['rps']:.0f} | {d['p50']:.2f} | {d['p99']:.2f} "
-        f"| {fmt(ratio)}× | {fmt(p99r)}× | {fmt(pr) + '×' if pr else '–'} | {fmt(d['proxy_us'], '{:.1f}')} "
-        f"| {fmt(d['upstream_us'], '{:.1f}')} | {fmt(d['other_us'], '{:.1f}')} | {d['bad'] or 0} |"
-    )
-print()
+    print(f"### {tool}\n")
+    print("| scenario | build | rps | p50 ms | p99 ms | rps × nginx | p99 × nginx | rps × own pass-through "
+          "| proxy CPU µs/req | CPU × nginx | upstream CPU µs/req | other CPU µs/req | non-2xx / errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, label in ((f"{tool}_direct", "direct upstream (no proxy)"), (f"{tool}_direct_end", "direct upstream (end)"),
+                        (f"{tool}_nginx", "nginx reverse proxy"), (f"{tool}_nginx_end", "nginx reverse proxy (end)")):
+        if name in loads:
+            row(label, "–", loads[name], base)
+    for key, label in SCENARIOS:
+        for b in BUILDS:
+            d = loads.get(f"{tool}_{b}_{key}")
+            if d is None:
+                continue
+            own = loads.get(f"{tool}_{b}_pass")
+            row(label, BUILD_LABEL[b], d, base, own["rps"] if own and key.startswith("unique") else None)
+    print()
 
-hot = next((r for r in rows if r["kind"] == "hot"), None)
-if hot:
+hots = {r.get("build", "after"): r for r in rows if r["kind"] == "hot"}
+for b, hot in hots.items():
     h = json.loads(hot["out"])
     lag = h.get("follower_lag_ms", {})
-    print("### Hot key\n")
+    print(f"### Hot key ({BUILD_LABEL.get(b, b)})\n")
     print(f"- {h['requests']} concurrent requests, one fresh key, 200 ms upstream: answered {h['answered']}, "
           f"statuses {h['statuses']}")
     print(f"- upstream executions: **{hot['upstream_executions']}**; proxy outcomes: stored {hot['stored']}, "
@@ -134,6 +151,7 @@ if hot:
               f"min {c['min']} ms, p50 {c['p50']} ms, p99 {c['p99']} ms, max {c['max']} ms")
     print(f"- proxy CPU for the burst: {int(hot['proxy_ticks']) / CLK_TCK * 1e6 / h['requests']:.1f} µs/request")
     print()
+hot = hots.get("after")
 
 mem = next((r for r in rows if r["kind"] == "mem"), None)
 if mem:
@@ -151,33 +169,38 @@ if mem:
           f"{mib(mem['disk_expired_kib']):.1f} MiB after expiry")
     print()
 
-# --- targets (issue 4) ------------------------------------------------------------------------------
+# --- targets (issue 15), for the "after" build ------------------------------------------------------
 
 
 def verdict(ok):
     return "**met**" if ok else "**not met**"
 
 
-print("### Targets (issue 4)\n")
+print("### Targets (issue 15), after\n")
 print("| target | measured | verdict |")
 print("|---|---|---|")
-for tool, n, i in (("oha", "nginx", "idemproxy"), ("wrk", "wrk_nginx", "wrk_idemproxy")):
-    if n in loads and i in loads:
-        a, b = loads[i], loads[n]
-        print(f"| pass-through ≥ 1.0× nginx rps ({tool}) | {a['rps'] / b['rps']:.2f}× | {verdict(a['rps'] >= b['rps'])} |")
-        print(f"| pass-through p99 ≤ nginx p99 ({tool}) | {a['p99']:.2f} ms vs {b['p99']:.2f} ms "
-              f"| {verdict(a['p99'] <= b['p99'])} |")
-for name in ("replay", "wrk_replay"):
-    if name in loads and base_of(name) in loads:
-        r = loads[name]["rps"] / loads[base_of(name)]["rps"]
-        print(f"| replay ≥ 1.5× nginx pass-through rps ({loads[name]['tool']}) | {r:.2f}× | {verdict(r >= 1.5)} |")
-for name, want in (("unique_interval", 0.8), ("unique_always", 0.5), ("wrk_unique_interval", 0.8),
-                   ("wrk_unique_always", 0.5)):
-    p = pass_of(name)
-    if name in loads and p in loads:
-        r = loads[name]["rps"] / loads[p]["rps"]
-        print(f"| {LABELS[name].replace('idemproxy ', '')} ≥ {want}× idemproxy pass-through ({loads[name]['tool']}) "
-              f"| {r:.2f}× | {verdict(r >= want)} |")
+for tool in ("oha", "wrk"):
+    base = baseline(tool)
+    a = loads.get(f"{tool}_after_pass")
+    if base is None or a is None:
+        continue
+    print(f"| pass-through ≥ 1.0× nginx rps ({tool}) | {a['rps'] / base['rps']:.2f}× | {verdict(a['rps'] >= base['rps'])} |")
+    print(f"| pass-through p99 ≤ nginx p99 ({tool}) | {a['p99']:.2f} ms vs {base['p99']:.2f} ms "
+          f"| {verdict(a['p99'] <= base['p99'])} |")
+    print(f"| pass-through proxy CPU/request ≤ nginx's ({tool}) | {a['proxy_us']:.1f} µs vs {base['proxy_us']:.1f} µs "
+          f"| {verdict(a['proxy_us'] <= base['proxy_us'])} |")
+    for key in ("replay_sled", "replay_memory"):
+        r = loads.get(f"{tool}_after_{key}")
+        if r:
+            x = r["rps"] / base["rps"]
+            print(f"| {key.replace('_', ' ')} ≥ 1.7× nginx rps ({tool}) | {x:.2f}× | {verdict(x >= 1.7)} |")
+            print(f"| {key.replace('_', ' ')} CPU ≤ 20 µs/request ({tool}) | {r['proxy_us']:.1f} µs "
+                  f"| {verdict(r['proxy_us'] <= 20)} |")
+    for key, want in (("unique_interval", 0.8), ("unique_always", 0.5)):
+        r = loads.get(f"{tool}_after_{key}")
+        if r:
+            x = r["rps"] / a["rps"]
+            print(f"| {key.replace('_', ' ')} ≥ {want}× pass-through ({tool}) | {x:.2f}× | {verdict(x >= want)} |")
 if hot:
     h = json.loads(hot["out"])
     one = hot["upstream_executions"] == "1" and h["distinct_bodies"] == 1 and h["leaders"] == 1
@@ -193,9 +216,6 @@ if hot:
               f"| max {lag['max']} ms (p99 {lag['p99']} ms) | {verdict(lag['max'] <= 5)} |")
 if mem:
     full = int(mem["keys"]) >= 1_000_000
-    rss1, rss0, rss2 = int(mem["rss_stored"]) / 1024, int(mem["rss_before"]) / 1024, int(mem["rss_expired"]) / 1024
+    rss1 = int(mem["rss_stored"]) / 1024
     print(f"| RSS ≤ 256 MiB with 1M stored keys | {rss1:.1f} MiB with {mem['stored']} keys "
           f"| {verdict(rss1 <= 256) if full else 'n/a (not 1M keys)'} |")
-    near = rss2 <= rss0 + 32
-    print(f"| RSS back near baseline after expiry (≤ baseline + 32 MiB) | {rss2:.1f} MiB vs {rss0:.1f} MiB "
-          f"| {verdict(near and int(mem['swept']) >= int(mem['stored']))} |")

@@ -7,6 +7,11 @@
 #                                the 1-minute load average to drop below 0.7
 #   bench/run.sh --only=throughput,hotkey,memory   a subset of the scenarios
 #
+# Before/after: with BENCH_BEFORE_BIN=PATH (an idemproxy binary built from an
+# older commit, e.g. `git worktree add /tmp/before 010fb08` built there), every
+# idemproxy scenario runs for both builds in the same run, after the nginx
+# baselines, alternating tools; the report puts them side by side.
+#
 # Needs: oha (`cargo install oha --locked`), wrk and nginx (`apt-get install
 # -y wrk nginx`), python3, curl, cargo; tcpdump (optional, root) times the
 # hot-key answers as sent. Nothing is installed by this script. Everything it
@@ -20,6 +25,8 @@
 #   BENCH_IDEMPROXY_ENV="NAME=VALUE ..."  variables for idemproxy only
 #                      (e.g. TOKIO_WORKER_THREADS=1, LD_PRELOAD=...)
 #   BENCH_IDEMPROXY_BIN=PATH  run that binary instead of building target/release
+#   BENCH_BEFORE_BIN=PATH     also run every idemproxy scenario with that binary
+#   BENCH_WORKERS_ONE=1       also run pass-through with `server.workers = 1`
 #   BENCH_PERF=1       perf-profile the proxy in every load run (flat profiles in
 #                      bench/results/perf-*.txt; perf costs CPU: not for figures)
 #   BENCH_PERF_ARGS    perf record options (-g; "--call-graph dwarf" with a
@@ -109,11 +116,14 @@ wait_port() {
 
 # template IN OUT NAME=VALUE...: replaces @NAME@ with VALUE.
 template() {
-    local in=$1 out=$2 kv
-    shift 2
-    local args=()
-    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
-    sed "${args[@]}" "$in" >"$out"
+    python3 - "$@" <<'PY'
+import sys
+text = open(sys.argv[1]).read()
+for kv in sys.argv[3:]:
+    k, v = kv.split("=", 1)
+    text = text.replace(f"@{k}@", v)
+open(sys.argv[2], "w").write(text)
+PY
 }
 
 children() { # direct children of a pid
@@ -150,10 +160,10 @@ start_nginx() { # name conf port
 IDEM_PID=
 IDEM_ADDR=
 IDEM_ADMIN=
-start_idemproxy() { # name conf
+start_idemproxy() { # name conf [binary]
     local out="$WORK/$1.out" i line
     # shellcheck disable=SC2086
-    env IDEMPROXY_LOG=warn ${BENCH_IDEMPROXY_ENV:-} "$IDEMPROXY_BIN" run --config "$2" \
+    env IDEMPROXY_LOG=warn ${BENCH_IDEMPROXY_ENV:-} "${3:-$IDEMPROXY_BIN}" run --config "$2" \
         >"$out" 2>"$WORK/$1.err" &
     IDEM_PID=$!
     BG_PIDS+=("$IDEM_PID")
@@ -172,10 +182,16 @@ stop_pid() {
     wait "$1" 2>/dev/null || true
 }
 
-# idemproxy_conf NAME UPSTREAM_PORT SYNC TTL -> path of the config
+# idemproxy_conf NAME UPSTREAM_PORT SYNC TTL [SERVER_EXTRA] -> path of the config
+# SYNC "memory" selects the memory store instead of sled.
 idemproxy_conf() {
-    local conf="$WORK/$1.toml"
-    template "$HERE/idemproxy.toml.in" "$conf" UPSTREAM_PORT="$2" DATA="$WORK/data-$1" SYNC="$3" TTL="$4" SWEEP="$SWEEP" CACHE="${BENCH_SLED_CACHE:-64MiB}"
+    local conf="$WORK/$1.toml" store
+    if [[ $3 == memory ]]; then
+        store=$'backend = "memory"\nsweep_interval = "'"$SWEEP"'"'
+    else
+        store=$'backend = "sled"\npath = "'"$WORK/data-$1"$'"\nsync = "'"$3"$'"\nsweep_interval = "'"$SWEEP"$'"\ncache_capacity = "'"${BENCH_SLED_CACHE:-64MiB}"'"'
+    fi
+    template "$HERE/idemproxy.toml.in" "$conf" UPSTREAM_PORT="$2" STORE="$store" TTL="$4" SERVER_EXTRA="${5:-}"
     echo "$conf"
 }
 
@@ -289,52 +305,88 @@ NGX_PIDS="$NGX_MASTER $(children "$NGX_MASTER" | tr '\n' ' ')"
 log "upstream nginx on :$UP_PORT (pids $UP_PIDS), proxy nginx on :$NGX_PORT (pids $NGX_PIDS)"
 
 if want throughput; then
-# --- idemproxy, sync = interval ------------------------------------------------------------
-start_idemproxy interval "$(idemproxy_conf interval "$UP_PORT" interval 24h)"
-log "idemproxy (sync = interval) on $IDEM_ADDR, admin $IDEM_ADMIN, pid $IDEM_PID"
-ID_URL="http://$IDEM_ADDR"
+WRK_PLAIN=(env WRK_MODE=plain "${WRK[@]}")
 
-for url in "http://127.0.0.1:$UP_PORT/item" "http://127.0.0.1:$NGX_PORT/item" "$ID_URL/api/item"; do
+# nginx baselines, once per tool at the start and once at the end (the report
+# uses their mean, and shows both so that drift is visible).
+nginx_baselines() { # suffix
+    measure "oha_direct$1" oha "" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "http://127.0.0.1:$UP_PORT/item"
+    measure "oha_nginx$1" oha "$NGX_PIDS" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "http://127.0.0.1:$NGX_PORT/item"
+    measure "wrk_direct$1" wrk "" "$UP_PIDS" "${WRK_PLAIN[@]}" "http://127.0.0.1:$UP_PORT/item"
+    measure "wrk_nginx$1" wrk "$NGX_PIDS" "$UP_PIDS" "${WRK_PLAIN[@]}" "http://127.0.0.1:$NGX_PORT/item"
+}
+for url in "http://127.0.0.1:$UP_PORT/item" "http://127.0.0.1:$NGX_PORT/item"; do
     "${OHA[@]}" -z "$WARMUP" "$url" >/dev/null
 done
+nginx_baselines ""
 
-measure direct oha "" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "http://127.0.0.1:$UP_PORT/item"
-measure nginx oha "$NGX_PIDS" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "http://127.0.0.1:$NGX_PORT/item"
-measure idemproxy oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "$ID_URL/api/item"
+# idemproxy_scenarios BUILD BINARY: every idemproxy row for one build.
+idemproxy_scenarios() {
+    local b=$1 bin=$2 url replay_key warm_re unique_re
+    # sled, sync = interval: pass-through, replay, unique keys
+    start_idemproxy "$b-interval" "$(idemproxy_conf "$b-interval" "$UP_PORT" interval 24h)" "$bin"
+    log "$b: idemproxy (sled, interval) on $IDEM_ADDR, pid $IDEM_PID"
+    url="http://$IDEM_ADDR"
+    "${OHA[@]}" -z "$WARMUP" "$url/api/item" >/dev/null
+    measure "oha_${b}_pass" oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "$url/api/item"
+    measure "wrk_${b}_pass" wrk "$IDEM_PID" "$UP_PIDS" "${WRK_PLAIN[@]}" "$url/api/item"
+    replay_key="replay-$b-$BENCH_RUN"
+    curl -fsS -o /dev/null -X POST -H "Idempotency-Key: $replay_key" -d "$BODY" "$url/api/charge"
+    measure "oha_${b}_replay_sled" oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST \
+        -H "Idempotency-Key: $replay_key" -d "$BODY" "$url/api/charge"
+    measure "wrk_${b}_replay_sled" wrk "$IDEM_PID" "$UP_PIDS" env WRK_MODE=replay WRK_KEY="$replay_key" \
+        "${WRK[@]}" "$url/api/charge"
+    warm_re=$(rand_url "$url/api/warm/[a-z0-9]{24}")
+    unique_re=$(rand_url "$url/api/u/[a-z0-9]{24}")
+    "${OHA[@]}" -z "$WARMUP" -m POST -d "$BODY" --rand-regex-url "$warm_re" >/dev/null
+    measure "oha_${b}_unique_interval" oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST -d "$BODY" \
+        --rand-regex-url "$unique_re"
+    measure "wrk_${b}_unique_interval" wrk "$IDEM_PID" "$UP_PIDS" "${WRK[@]}" "$url/api/w"
+    stop_pid "$IDEM_PID"
 
-REPLAY_KEY="replay-$BENCH_RUN"
-curl -fsS -o /dev/null -X POST -H "Idempotency-Key: $REPLAY_KEY" -d "$BODY" "$ID_URL/api/charge"
-measure replay oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST -H "Idempotency-Key: $REPLAY_KEY" \
-    -d "$BODY" "$ID_URL/api/charge"
-replay_upstream=$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="stored"}')
-jline kind=meta key=replay_stored value="$replay_upstream"
+    # sled, sync = always (group commit): unique keys
+    start_idemproxy "$b-always" "$(idemproxy_conf "$b-always" "$UP_PORT" always 24h)" "$bin"
+    log "$b: idemproxy (sled, always) on $IDEM_ADDR, pid $IDEM_PID"
+    url="http://$IDEM_ADDR"
+    warm_re=$(rand_url "$url/api/warm/[a-z0-9]{24}")
+    unique_re=$(rand_url "$url/api/u/[a-z0-9]{24}")
+    "${OHA[@]}" -z "$WARMUP" -m POST -d "$BODY" --rand-regex-url "$warm_re" >/dev/null
+    measure "oha_${b}_unique_always" oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST -d "$BODY" \
+        --rand-regex-url "$unique_re"
+    measure "wrk_${b}_unique_always" wrk "$IDEM_PID" "$UP_PIDS" "${WRK[@]}" "$url/api/w"
+    stop_pid "$IDEM_PID"
 
-WARM_RE=$(rand_url "$ID_URL/api/warm/[a-z0-9]{24}")
-UNIQUE_RE=$(rand_url "$ID_URL/api/u/[a-z0-9]{24}")
-"${OHA[@]}" -z "$WARMUP" -m POST -d "$BODY" --rand-regex-url "$WARM_RE" >/dev/null
-measure unique_interval oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST -d "$BODY" \
-    --rand-regex-url "$UNIQUE_RE"
+    # memory store: replay
+    start_idemproxy "$b-memory" "$(idemproxy_conf "$b-memory" "$UP_PORT" memory 24h)" "$bin"
+    log "$b: idemproxy (memory) on $IDEM_ADDR, pid $IDEM_PID"
+    url="http://$IDEM_ADDR"
+    replay_key="replay-$b-mem-$BENCH_RUN"
+    curl -fsS -o /dev/null -X POST -H "Idempotency-Key: $replay_key" -d "$BODY" "$url/api/charge"
+    "${OHA[@]}" -z "$WARMUP" -m POST -H "Idempotency-Key: $replay_key" -d "$BODY" "$url/api/charge" >/dev/null
+    measure "oha_${b}_replay_memory" oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST \
+        -H "Idempotency-Key: $replay_key" -d "$BODY" "$url/api/charge"
+    measure "wrk_${b}_replay_memory" wrk "$IDEM_PID" "$UP_PIDS" env WRK_MODE=replay WRK_KEY="$replay_key" \
+        "${WRK[@]}" "$url/api/charge"
+    stop_pid "$IDEM_PID"
+}
 
-measure wrk_direct wrk "" "$UP_PIDS" env WRK_MODE=plain "${WRK[@]}" "http://127.0.0.1:$UP_PORT/item"
-measure wrk_nginx wrk "$NGX_PIDS" "$UP_PIDS" env WRK_MODE=plain "${WRK[@]}" "http://127.0.0.1:$NGX_PORT/item"
-measure wrk_idemproxy wrk "$IDEM_PID" "$UP_PIDS" env WRK_MODE=plain "${WRK[@]}" "$ID_URL/api/item"
-measure wrk_replay wrk "$IDEM_PID" "$UP_PIDS" env WRK_MODE=replay WRK_KEY="$REPLAY_KEY" "${WRK[@]}" "$ID_URL/api/charge"
-measure wrk_unique_interval wrk "$IDEM_PID" "$UP_PIDS" "${WRK[@]}" "$ID_URL/api/w"
-stop_pid "$IDEM_PID"
+if [[ -n ${BENCH_BEFORE_BIN:-} ]]; then
+    [[ -x $BENCH_BEFORE_BIN ]] || die "BENCH_BEFORE_BIN=$BENCH_BEFORE_BIN is not executable"
+    jline kind=meta key=before value="$("$BENCH_BEFORE_BIN" --version) at $BENCH_BEFORE_BIN"
+    idemproxy_scenarios before "$BENCH_BEFORE_BIN"
+fi
+idemproxy_scenarios after "$IDEMPROXY_BIN"
 
-# --- idemproxy, sync = always (group commit) --------------------------------------------------
-start_idemproxy always "$(idemproxy_conf always "$UP_PORT" always 24h)"
-log "idemproxy (sync = always) on $IDEM_ADDR, pid $IDEM_PID"
-ID_URL="http://$IDEM_ADDR"
-WARM_RE=$(rand_url "$ID_URL/api/warm/[a-z0-9]{24}")
-UNIQUE_RE=$(rand_url "$ID_URL/api/u/[a-z0-9]{24}")
-"${OHA[@]}" -z "$WARMUP" -m POST -d "$BODY" --rand-regex-url "$WARM_RE" >/dev/null
-measure unique_always oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" -m POST -d "$BODY" \
-    --rand-regex-url "$UNIQUE_RE"
-measure wrk_unique_always wrk "$IDEM_PID" "$UP_PIDS" "${WRK[@]}" "$ID_URL/api/w"
-jline kind=meta key=always_flushes value="$(metric "$IDEM_ADMIN" 'idemproxy_store_operation_duration_seconds_count{op="finish"}')"
-stop_pid "$IDEM_PID"
+if [[ ${BENCH_WORKERS_ONE:-0} == 1 ]]; then
+    start_idemproxy one "$(idemproxy_conf one "$UP_PORT" interval 24h 'workers = 1')"
+    url="http://$IDEM_ADDR"
+    "${OHA[@]}" -z "$WARMUP" "$url/api/item" >/dev/null
+    measure oha_one_pass oha "$IDEM_PID" "$UP_PIDS" "${OHA[@]}" -z "$DURATION" "$url/api/item"
+    measure wrk_one_pass wrk "$IDEM_PID" "$UP_PIDS" "${WRK_PLAIN[@]}" "$url/api/item"
+    stop_pid "$IDEM_PID"
+fi
 
+nginx_baselines "_end"
 fi
 
 if want hotkey; then
@@ -344,35 +396,40 @@ python3 "$HERE/slow_upstream.py" "$SLOW_PORT" "$WORK/slow-upstream.log" 0.2 >"$W
 SLOW_PID=$!
 BG_PIDS+=("$SLOW_PID")
 wait_port "$SLOW_PORT"
-: >"$WORK/slow-upstream.log"
-start_idemproxy hot "$(idemproxy_conf hot "$SLOW_PORT" always 24h)"
-log "hot key: $HOT_N requests on one key through idemproxy $IDEM_ADDR to a 200 ms upstream"
-# The client's clock says when it read each answer; a capture (if tcpdump
-# may run here) says when the proxy sent it, independently of the client.
-echo '{}' >"$WORK/hot-capture.json"
-TCPDUMP_PID=
-if command -v tcpdump >/dev/null; then
-    tcpdump -i lo -n -s 512 -U -w "$WORK/hot.pcap" "tcp src port ${IDEM_ADDR##*:}" 2>"$WORK/tcpdump.err" &
-    TCPDUMP_PID=$!
-    BG_PIDS+=("$TCPDUMP_PID")
-    for _ in $(seq 50); do grep -q listening "$WORK/tcpdump.err" && break; sleep 0.1; done
-    grep -q listening "$WORK/tcpdump.err" || { log "tcpdump cannot capture here; client-side figures only"; TCPDUMP_PID=; }
-fi
-hp0=$(ticks "$IDEM_PID")
-python3 "$HERE/hotkey.py" 127.0.0.1 "${IDEM_ADDR##*:}" "$HOT_N" "hot-$BENCH_RUN" /api/hot >"$WORK/hotkey.json"
-hp1=$(ticks "$IDEM_PID")
-if [[ -n $TCPDUMP_PID ]]; then
-    sleep 0.5
-    stop_pid "$TCPDUMP_PID"
-    python3 "$HERE/pcap_lag.py" "$WORK/hot.pcap" >"$WORK/hot-capture.json"
-fi
-jline kind=hot out@"$WORK/hotkey.json" capture@"$WORK/hot-capture.json" proxy_ticks=$((hp1 - hp0)) \
-    upstream_executions="$(wc -l <"$WORK/slow-upstream.log")" \
-    stored="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="stored"}')" \
-    coalesced="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="coalesced"}')" \
-    replayed="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="replayed"}')" \
-    conflict="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="conflict"}')"
-stop_pid "$IDEM_PID"
+
+hot_key() { # BUILD BINARY
+    local b=$1 bin=$2 hp0 hp1 tcpdump_pid=
+    : >"$WORK/slow-upstream.log"
+    start_idemproxy "hot-$b" "$(idemproxy_conf "hot-$b" "$SLOW_PORT" always 24h)" "$bin"
+    log "hot key ($b): $HOT_N requests on one key through idemproxy $IDEM_ADDR to a 200 ms upstream"
+    # The client's clock says when it read each answer; a capture (if tcpdump
+    # may run here) says when the proxy sent it, independently of the client.
+    echo '{}' >"$WORK/hot-capture-$b.json"
+    if command -v tcpdump >/dev/null; then
+        tcpdump -i lo -n -s 512 -U -w "$WORK/hot-$b.pcap" "tcp src port ${IDEM_ADDR##*:}" 2>"$WORK/tcpdump-$b.err" &
+        tcpdump_pid=$!
+        BG_PIDS+=("$tcpdump_pid")
+        for _ in $(seq 50); do grep -q listening "$WORK/tcpdump-$b.err" && break; sleep 0.1; done
+        grep -q listening "$WORK/tcpdump-$b.err" || { log "tcpdump cannot capture here; client-side figures only"; tcpdump_pid=; }
+    fi
+    hp0=$(ticks "$IDEM_PID")
+    python3 "$HERE/hotkey.py" 127.0.0.1 "${IDEM_ADDR##*:}" "$HOT_N" "hot-$b-$BENCH_RUN" /api/hot >"$WORK/hotkey-$b.json"
+    hp1=$(ticks "$IDEM_PID")
+    if [[ -n $tcpdump_pid ]]; then
+        sleep 0.5
+        stop_pid "$tcpdump_pid"
+        python3 "$HERE/pcap_lag.py" "$WORK/hot-$b.pcap" >"$WORK/hot-capture-$b.json"
+    fi
+    jline kind=hot build="$b" out@"$WORK/hotkey-$b.json" capture@"$WORK/hot-capture-$b.json" proxy_ticks=$((hp1 - hp0)) \
+        upstream_executions="$(wc -l <"$WORK/slow-upstream.log")" \
+        stored="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="stored"}')" \
+        coalesced="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="coalesced"}')" \
+        replayed="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="replayed"}')" \
+        conflict="$(metric "$IDEM_ADMIN" 'idemproxy_requests_total{outcome="conflict"}')"
+    stop_pid "$IDEM_PID"
+}
+[[ -n ${BENCH_BEFORE_BIN:-} ]] && hot_key before "$BENCH_BEFORE_BIN"
+hot_key after "$IDEMPROXY_BIN"
 stop_pid "$SLOW_PID"
 
 fi

@@ -51,10 +51,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "demo API on 127.0.0.1:3000; idemproxy on {} (admin {}). Try:\n  \
          curl -si localhost:8080/v1/payments/charge -H 'Idempotency-Key: pay-1' -d '{{\"amount\": 100}}'\n\
          twice, then Ctrl-C.",
-        listeners.main.local_addr()?,
+        listeners.main_addr()?,
         listeners.admin.local_addr()?
     );
-    app.run(listeners, idemproxy::shutdown::signal()).await;
+    app.run(listeners, idemproxy::shutdown::signal()).await?;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use crate::idempotency::limits::Limits;
 use crate::idempotency::Engine;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
+use crate::server::worker::Workers;
 use crate::service::Proxy;
 use crate::store::{Store, StoreError};
 
@@ -25,6 +26,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot start the serving workers: {0}")]
+    Workers(#[source] std::io::Error),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -50,22 +53,48 @@ pub struct App {
 
 /// The bound sockets; tests bind port 0 and read the addresses back.
 pub struct Listeners {
-    pub main: TcpListener,
+    /// One `SO_REUSEPORT` socket per worker, all on the same address.
+    pub main: Vec<std::net::TcpListener>,
     pub admin: TcpListener,
 }
 
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
-        let bind = |what, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { what, addr, source })
-        };
-        Ok(Listeners {
-            main: bind("server.listen", config.server.listen).await?,
-            admin: bind("server.admin_listen", config.server.admin_listen).await?,
-        })
+        let what = "server.listen";
+        let mut addr = config.server.listen;
+        let mut main = Vec::with_capacity(config.server.workers);
+        for _ in 0..config.server.workers {
+            let socket = reuse_port_listener(addr).map_err(|source| StartError::Bind { what, addr, source })?;
+            // Port 0: the first socket picks the port, the others join it.
+            addr = socket
+                .local_addr()
+                .map_err(|source| StartError::Bind { what, addr, source })?;
+            main.push(socket);
+        }
+        let admin_addr = config.server.admin_listen;
+        let admin = TcpListener::bind(admin_addr).await.map_err(|source| StartError::Bind {
+            what: "server.admin_listen",
+            addr: admin_addr,
+            source,
+        })?;
+        Ok(Listeners { main, admin })
     }
+
+    pub fn main_addr(&self) -> std::io::Result<SocketAddr> {
+        self.main[0].local_addr()
+    }
+}
+
+/// A listening socket that other sockets of this process may bind too.
+fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
 }
 
 impl App {
@@ -79,7 +108,7 @@ impl App {
             Some(files) => Some(crate::tls::server_config(files, &file)?),
             None => None,
         };
-        let upstream = Upstream::new(&config.upstream, &file)?;
+        let upstream = Upstream::new(&config.upstream, &file, config.server.workers)?;
         let metrics = Metrics::new();
         let store = Store::open(&config.store, metrics.clone()).await?;
         let limits = Limits::new(config.server.max_keyed_requests, config.server.max_keyed_buffer);
@@ -105,9 +134,16 @@ impl App {
         })
     }
 
-    /// Serves until `shutdown` resolves, then drains within
-    /// `server.shutdown_grace` and flushes the store.
-    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    /// Starts serving, then serves until `shutdown` resolves (see [`Running::until`]).
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        self.start(listeners)?.until(shutdown).await;
+        Ok(())
+    }
+
+    /// Starts serving: the workers accept on `listeners.main` from now on.
+    pub fn start(self, listeners: Listeners) -> Result<Running, StartError> {
+        let workers = Workers::start(listeners.main, self.tls.clone(), &self.proxy, &self.config.server)
+            .map_err(StartError::Workers)?;
         let stop = CancellationToken::new();
         let sweep_every = match &self.config.store {
             StoreConfig::Memory { sweep_interval } | StoreConfig::Sled { sweep_interval, .. } => Some(*sweep_interval),
@@ -133,27 +169,43 @@ impl App {
                 stop.clone(),
             ));
         }
-        let server = &self.config.server;
+        Ok(Running {
+            grace: self.config.server.shutdown_grace,
+            store: self.store,
+            engine: self.engine,
+            workers,
+            admin,
+            stop,
+        })
+    }
+}
+
+/// A serving proxy.
+pub struct Running {
+    grace: std::time::Duration,
+    store: Store,
+    engine: Engine,
+    workers: Workers,
+    admin: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Running {
+    /// Serves until `shutdown` resolves, then drains within
+    /// `server.shutdown_grace` and flushes the store.
+    pub async fn until(mut self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
         let started = tokio::time::Instant::now();
-        crate::server::serve(
-            listeners.main,
-            self.tls.clone(),
-            self.proxy.clone(),
-            server.header_read_timeout,
-            server.max_connections,
-            server.shutdown_grace,
-            shutdown,
-        )
-        .await;
-        // Detached leader tasks may outlive their client connections.
-        let left = server
-            .shutdown_grace
-            .saturating_sub(started.elapsed().min(server.shutdown_grace));
+        self.workers.drain().await;
+        // Detached leader tasks may outlive their client connections; they
+        // run on the workers, which keep going until these are done.
+        let left = self.grace.saturating_sub(started.elapsed().min(self.grace));
         if !self.engine.drain(left.max(std::time::Duration::from_millis(100))).await {
             tracing::warn!("shutdown grace elapsed with upstream calls still running");
         }
-        stop.cancel();
-        let _ = admin.await;
+        self.workers.stop().await;
+        self.stop.cancel();
+        let _ = self.admin.await;
         match self.store.flush().await {
             Ok(()) => tracing::info!("store flushed; bye"),
             Err(e) => tracing::error!(error = %e, "final store flush failed"),

@@ -69,13 +69,36 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// How long a client may take to send request headers (slowloris guard).
     pub header_read_timeout: Duration,
+    /// The longest silence allowed inside a request body; then 408.
+    pub body_read_timeout: Duration,
+    /// How long a keep-alive connection may wait with no request in progress.
+    pub idle_timeout: Duration,
     /// Connections accepted at once on the main listener; more wait in the backlog.
     pub max_connections: usize,
+    /// Serving threads, each with its own listening socket and upstream pool.
+    pub workers: usize,
     /// Keyed requests in progress at once (leaders, detached or not, and
     /// held duplicates); more get 503 `overloaded`.
     pub max_keyed_requests: usize,
     /// Bytes of keyed request bodies held in memory at once.
     pub max_keyed_buffer: u64,
+}
+
+impl ServerConfig {
+    /// The connection limits, for `idemproxy check`.
+    pub fn describe(&self) -> String {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        format!(
+            "workers={} header_read_timeout={} body_read_timeout={} idle_timeout={} max_connections={} shutdown_grace={}{}",
+            self.workers,
+            d(self.header_read_timeout),
+            d(self.body_read_timeout),
+            d(self.idle_timeout),
+            self.max_connections,
+            d(self.shutdown_grace),
+            if self.tls.is_some() { " tls" } else { "" },
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +184,18 @@ impl Config {
         if max_connections == 0 {
             return Err(e("server.max_connections", "must be at least 1".into()));
         }
+        let workers = match s.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(0) => return Err(e("server.workers", "must be at least 1".into())),
+            Some(n) => n as usize,
+        };
+        let positive = |v, default_secs, key: &str| {
+            let d = dur(v, default_secs);
+            if d.is_zero() {
+                return Err(e(key, "must be greater than 0s".into()));
+            }
+            Ok(d)
+        };
         let max_keyed_requests = s.max_keyed_requests.unwrap_or(4096);
         if max_keyed_requests == 0 {
             return Err(e("server.max_keyed_requests", "must be at least 1".into()));
@@ -179,8 +214,11 @@ impl Config {
             }),
             status_path,
             log_format,
-            header_read_timeout: dur(s.header_read_timeout, 10),
+            header_read_timeout: positive(s.header_read_timeout, 10, "server.header_read_timeout")?,
+            body_read_timeout: positive(s.body_read_timeout, 30, "server.body_read_timeout")?,
+            idle_timeout: positive(s.idle_timeout, 60, "server.idle_timeout")?,
             max_connections: max_connections as usize,
+            workers,
             max_keyed_requests: max_keyed_requests as usize,
             max_keyed_buffer,
         };
@@ -263,6 +301,7 @@ impl Config {
         let mut out = String::new();
         let _ = writeln!(out, "listen        {}", self.server.listen);
         let _ = writeln!(out, "admin_listen  {}", self.server.admin_listen);
+        let _ = writeln!(out, "server        {}", self.server.describe());
         let _ = writeln!(out, "upstream      {}", self.upstream.url);
         let _ = writeln!(out, "store         {}", self.store.describe());
         if self.rules.routes.is_empty() {
@@ -432,6 +471,20 @@ mod tests {
     }
 
     #[test]
+    fn connection_timeouts_default_and_parse() {
+        let c = parse(UP).unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        let c = parse(&format!(
+            "{UP}[server]\nbody_read_timeout = \"250ms\"\nidle_timeout = \"2m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_millis(250));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
+        assert!(c.describe().contains("body_read_timeout=250ms idle_timeout=2m"));
+    }
+
+    #[test]
     fn data_dir_applies_to_sled_only() {
         let o = Overrides {
             data_dir: Some("/data/x".into()),
@@ -480,6 +533,15 @@ mod tests {
                 "routes[0].method",
             ),
             ("[server\n", "(file)"),
+            (
+                &format!("{UP}[server]\nbody_read_timeout = \"0s\"\n"),
+                "server.body_read_timeout",
+            ),
+            (
+                &format!("{UP}[server]\nidle_timeout = \"soon\"\n"),
+                "server.idle_timeout",
+            ),
+            (&format!("{UP}[server]\nworkers = 0\n"), "server.workers"),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text);

@@ -148,8 +148,9 @@ impl Engine {
             Ok(a) => a,
             Err(p) => return problem(p, Outcome::overloaded),
         };
-        let body = match read_body(&parts.headers, body, policy.max_body).await {
+        let body = match read_body(&parts.headers, body, policy.max_body, conn.body_read_timeout).await {
             Ok(b) => b,
+            Err(p) if p.code == Code::RequestTimeout => return problem(p, Outcome::request_timeout),
             Err(p) => return problem(p, Outcome::too_large),
         };
         if let Err(p) = self.inner.limits.hold_body(&mut admission, body.len()) {
@@ -330,8 +331,9 @@ fn in_use(retry_after: Duration) -> Problem {
 }
 
 /// Buffers a keyed request body, refusing more than `max` bytes (by
-/// `Content-Length` before reading anything, or while reading).
-async fn read_body(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, Problem> {
+/// `Content-Length` before reading anything, or while reading), and a body
+/// that stalls for longer than `stall` (408; nothing is forwarded).
+async fn read_body(headers: &http::HeaderMap, body: Incoming, max: u64, stall: Duration) -> Result<Bytes, Problem> {
     let too_large = || {
         Problem::new(
             Code::RequestBodyTooLarge,
@@ -345,15 +347,16 @@ async fn read_body(headers: &http::HeaderMap, body: Incoming, max: u64) -> Resul
     if declared.is_some_and(|n| n > max) {
         return Err(too_large());
     }
+    let body = crate::proxy::timed_body::TimedBody::new(body, stall);
     match Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
         .collect()
         .await
     {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(Problem::new(
-            Code::BadRequest,
-            format!("could not read the request body: {e}"),
-        )),
+        Err(e) => Err(match e.downcast_ref::<crate::proxy::timed_body::BodyReadTimeout>() {
+            Some(stalled) => stalled.problem(),
+            None => Problem::new(Code::BadRequest, format!("could not read the request body: {e}")),
+        }),
     }
 }

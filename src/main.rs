@@ -82,7 +82,10 @@ fn main() -> ExitCode {
             };
             let format = config.server.log_format;
             init_logging(format);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // The control runtime: startup, admin, signals, the store's
+            // background work. Requests are served by `server.workers`
+            // threads of their own (see `idemproxy::server::worker`).
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
@@ -108,21 +111,23 @@ async fn start(config: Config) -> Result<(), StartError> {
     let app = App::build(config).await?;
     let shutdown = shutdown_armed();
     let listeners = Listeners::bind(&app.config).await?;
-    let (main, admin) = (listeners.main.local_addr(), listeners.admin.local_addr());
+    let (main, admin) = (listeners.main_addr(), listeners.admin.local_addr());
+    let (format, upstream) = (app.config.server.log_format, app.config.upstream.url.clone());
+    let running = app.start(listeners)?;
     if let (Ok(main), Ok(admin)) = (main, admin) {
         // One machine-readable line on stdout: scripts and tests read the
         // bound ports from it when they asked for port 0. With JSON logs it
         // is a JSON object like every other line.
-        match app.config.server.log_format {
+        match format {
             LogFormat::Text => println!("idemproxy listening on {main} admin {admin}"),
             LogFormat::Json => println!(
                 "{}",
                 serde_json::json!({"event": "listening", "main": main.to_string(), "admin": admin.to_string()})
             ),
         }
-        tracing::info!(%main, %admin, upstream = %app.config.upstream.url, "idemproxy started");
+        tracing::info!(%main, %admin, %upstream, "idemproxy started");
     }
-    app.run(listeners, shutdown).await;
+    running.until(shutdown).await;
     Ok(())
 }
 

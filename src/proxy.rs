@@ -7,8 +7,10 @@
 //! sending leaves the outcome unknown.
 
 pub mod headers;
+pub mod timed_body;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,10 +26,12 @@ use crate::body::ResponseBody;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
+use crate::server::worker;
+use timed_body::{BodyReadTimeout, TimedBody};
 
-/// A request body on its way upstream: the client's stream (pass-through)
-/// or the buffered bytes of a keyed request.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+/// A request body on its way upstream: the client's stream (pass-through,
+/// cut off when it stalls) or the buffered bytes of a keyed request.
+pub type UpstreamBody = Either<TimedBody<Incoming>, Full<Bytes>>;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -36,6 +40,8 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// `server.body_read_timeout`: the longest silence inside a request body.
+    pub body_read_timeout: Duration,
 }
 
 /// How an upstream exchange failed, by what the upstream may have seen.
@@ -74,16 +80,21 @@ impl UpstreamError {
 }
 
 /// The pooled upstream client. Cheap to clone.
+///
+/// One pool per serving worker (indexed by [`worker::index`]), plus one for
+/// any other thread: a worker's requests use connections that its own
+/// runtime drives, so an upstream exchange never leaves the worker.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, UpstreamBody>,
+    clients: Arc<[Client<Connector, UpstreamBody>]>,
     scheme: Scheme,
     authority: Authority,
     pub timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, file: &str) -> Result<Self, ConfigError> {
+    /// The client for `workers` serving workers.
+    pub fn new(config: &UpstreamConfig, file: &str, workers: usize) -> Result<Self, ConfigError> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
@@ -96,12 +107,16 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let clients = (0..=workers)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(config.pool_idle_timeout)
+                    .pool_max_idle_per_host(1024)
+                    .build(connector.clone())
+            })
+            .collect();
         let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTP);
         let authority = config
             .url
@@ -109,7 +124,7 @@ impl Upstream {
             .cloned()
             .expect("validated upstream URL has a host");
         Ok(Upstream {
-            client,
+            clients,
             scheme,
             authority,
             timeout: config.timeout,
@@ -171,7 +186,9 @@ impl Upstream {
         req: Request<UpstreamBody>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        let pools = self.clients.len();
+        let client = &self.clients[worker::index().map_or(pools - 1, |i| i.min(pools - 1))];
+        match tokio::time::timeout_at(deadline, client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.timeout)),
             Ok(Ok(mut res)) => {
                 headers::strip_hop_by_hop(res.headers_mut());
@@ -183,20 +200,27 @@ impl Upstream {
     }
 
     /// Plain pass-through: both bodies stream, nothing is buffered.
+    ///
+    /// A client body that stalls past `body_read_timeout` aborts the upstream
+    /// request mid-body (the upstream connection is closed, so the upstream
+    /// never sees a complete request) and the client gets 408.
     pub async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> (Response<ResponseBody>, Outcome) {
         let (mut parts, body) = req.into_parts();
         self.prepare(&mut parts, conn);
         let deadline = tokio::time::Instant::now() + self.timeout;
-        match self
-            .send(Request::from_parts(parts, Either::Left(body)), deadline)
-            .await
-        {
+        let body = Either::Left(TimedBody::new(body, conn.body_read_timeout));
+        match self.send(Request::from_parts(parts, body), deadline).await {
             Ok(res) => {
                 let (parts, body) = res.into_parts();
                 (
                     Response::from_parts(parts, ResponseBody::upstream(body, deadline)),
                     Outcome::passthrough,
                 )
+            }
+            Err(UpstreamError::Broken(e)) if BodyReadTimeout::in_chain(e.as_ref()).is_some() => {
+                let stalled = BodyReadTimeout::in_chain(e.as_ref()).expect("just found");
+                tracing::debug!(error = %stalled, "pass-through request body stalled");
+                (stalled.problem().into_response(), Outcome::request_timeout)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "pass-through request failed");

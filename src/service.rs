@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::body::ResponseBody;
 use crate::config::Rules;
 use crate::idempotency::{status, Engine};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::proxy::{ConnInfo, Upstream};
 
 /// Cheap to clone; one per connection.
@@ -23,14 +23,15 @@ pub struct Proxy {
 }
 
 struct Inner {
-    /// Swapped whole on reload; requests load it once, without locking.
-    rules: ArcSwap<Rules>,
+    /// Swapped whole on reload (for every worker at once); requests load it
+    /// once, without locking.
+    rules: Arc<ArcSwap<Rules>>,
     engine: Engine,
     upstream: Upstream,
     metrics: Metrics,
     /// `server.status_path` followed by '/', if the endpoint is on.
     status_prefix: Option<String>,
-    request_ids: AtomicU64,
+    request_ids: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -43,18 +44,36 @@ impl Proxy {
     ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
-                rules: ArcSwap::new(rules),
+                rules: Arc::new(ArcSwap::new(rules)),
                 engine,
                 upstream,
                 metrics,
                 status_prefix: status_path.map(|p| format!("{p}/")),
-                request_ids: AtomicU64::new(0),
+                request_ids: Arc::new(AtomicU64::new(0)),
+            }),
+        }
+    }
+
+    /// A handle for one serving worker: the same rules, engine and metrics,
+    /// but a reference count of its own, so that cloning it per request
+    /// touches no memory another core writes.
+    pub fn for_worker(&self) -> Proxy {
+        let i = &*self.inner;
+        Proxy {
+            inner: Arc::new(Inner {
+                rules: i.rules.clone(),
+                engine: i.engine.clone(),
+                upstream: i.upstream.clone(),
+                metrics: i.metrics.clone(),
+                status_prefix: i.status_prefix.clone(),
+                request_ids: i.request_ids.clone(),
             }),
         }
     }
 
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
         let start = Instant::now();
+        let version = req.version();
         let inner = &*self.inner;
         // The access log costs a few allocations; only pay when it is on.
         let access = tracing::enabled!(target: "idemproxy::access", tracing::Level::INFO);
@@ -92,6 +111,13 @@ impl Proxy {
                 }
             }
         };
+        let mut res = res;
+        if outcome == Outcome::request_timeout && version < http::Version::HTTP_2 {
+            // The rest of the stalled body may still come: the connection
+            // cannot carry another request.
+            res.headers_mut()
+                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         let elapsed = start.elapsed();
         inner.metrics.request(outcome, elapsed);
         if let Some((method, path, id)) = head {

@@ -721,6 +721,12 @@ fn check_prints_resolved_routes_with_inherited_settings() {
     }
     assert!(line("[2] /internal/*").contains("pass-through"));
     assert!(line("upstream").contains("http://127.0.0.1:3000"));
+    let server = line("server");
+    assert!(server.contains("workers="), "{server}");
+    assert!(
+        server.contains("header_read_timeout=10s body_read_timeout=30s idle_timeout=1m"),
+        "{server}"
+    );
     assert!(out.contains("config OK"));
 }
 
@@ -774,6 +780,36 @@ async fn runs_on_defaults_without_a_config_file() {
 }
 
 // --------------------------------------------------------------- shutdown
+
+#[tokio::test]
+async fn several_workers_serve_one_port_each_on_its_own_thread() {
+    let up = Upstream::start().await;
+    let mut proxy = Proxy::start(&config(&up.url(), "[server]\nworkers = 3\n"));
+    // One serving thread per worker, named after it.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("idemproxy-w"))
+        .collect();
+    let mut threads = threads;
+    threads.sort();
+    assert_eq!(threads, ["idemproxy-w0", "idemproxy-w1", "idemproxy-w2"]);
+    // Connections on the shared port are all served, whichever socket the
+    // kernel gives them to.
+    let answers: Vec<_> = (0..12)
+        .map(|i| {
+            let url = proxy.url(&format!("/w/{i}"));
+            tokio::spawn(async move { Client::new().get(&url).await.status })
+        })
+        .collect();
+    for a in answers {
+        assert_eq!(a.await.unwrap(), StatusCode::CREATED);
+    }
+    assert_eq!(up.executions(), 12);
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+}
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {

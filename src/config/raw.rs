@@ -31,7 +31,10 @@ pub struct RawServer {
     pub status_path: Option<String>,
     pub log_format: Option<String>,
     pub header_read_timeout: Option<HumanDuration>,
+    pub body_read_timeout: Option<HumanDuration>,
+    pub idle_timeout: Option<HumanDuration>,
     pub max_connections: Option<u32>,
+    pub workers: Option<u32>,
     pub max_keyed_requests: Option<u32>,
     pub max_keyed_buffer: Option<ByteSize>,
 }

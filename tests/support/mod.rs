@@ -18,8 +18,10 @@
 //! test can compare bytes and headers exactly.
 #![allow(dead_code)]
 
+pub mod body_probe;
 pub mod fault;
 pub mod flaky;
+pub mod raw;
 pub mod tmpfs;
 
 use std::collections::HashMap;
