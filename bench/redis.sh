@@ -14,6 +14,15 @@
 # measured in the same run. Redis round trips per keyed request come from
 # INFO commandstats (client commands; scripts count once).
 #
+# CPU µs per request is the proxy process's CPU time (utime + stime from
+# /proc) during a one-proxy scenario divided by the requests it served.
+#
+# The peer: with PEER_BIN=/path/to/idempotent-proxy-server (ldclabs/
+# idempotent-proxy, built separately, outside this repository: see
+# BENCHMARKS.md), the same unique-key and replay scenarios also run against
+# it, on the same Redis and the same upstream, loopback only. This script
+# never fetches nor builds it.
+#
 # Needs: wrk, nginx, redis-server and redis-cli (Debian packages), cargo.
 set -euo pipefail
 
@@ -83,6 +92,7 @@ methods = ["POST"]
 TOML
     IDEMPROXY_LOG=warn "$BIN" run --config "$WORK/$1.toml" >"$WORK/$1.out" 2>"$WORK/$1.err" &
     PIDS+=($!)
+    PID=$!
     local line=""
     for _ in $(seq 100); do
         line=$(grep -m1 '^idemproxy listening on ' "$WORK/$1.out" || true)
@@ -93,13 +103,14 @@ TOML
     read -r _ _ _ ADDR _ _ <<<"$line"
 }
 
-# wrk_rate MODE CONNECTIONS ADDR... -> prints "rps p99_ms" (rates added over addresses)
+# wrk_rate MODE CONNECTIONS ADDR... -> prints "rps p99_ms" (rates added over
+# addresses); PATH_ON (default /api/orders) is the path wrk requests.
 wrk_rate() {
     local mode=$1 conns=$2; shift 2
     local i=0 outs=()
     for addr in "$@"; do
         BENCH_RUN="$RANDOM$RANDOM$i" WRK_MODE=$mode WRK_KEY=replay-key \
-            wrk -t1 -c"$conns" -d"$DURATION" -s "$HERE/unique_key.lua" "http://$addr/api/orders" >"$WORK/wrk-$i.out" 2>&1 &
+            wrk -t1 -c"$conns" -d"$DURATION" -s "$HERE/unique_key.lua" "http://$addr${PATH_ON:-/api/orders}" >"$WORK/wrk-$i.out" 2>&1 &
         outs+=("$WORK/wrk-$i.out:$!")
         i=$((i + 1))
     done
@@ -114,18 +125,32 @@ wrk_rate() {
     printf '%.0f %.2f\n' "$total" "$p99"
 }
 
-evalsha_calls() { redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ { print $3 }' | tr -d '\r' | sed 's/^$/0/'; }
+# calls CMD... -> how many times clients (and scripts) ran these commands
+calls() {
+    local stats total=0 n c
+    stats=$(redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r')
+    for c in "$@"; do
+        n=$(awk -F'[=,:]' -v c="cmdstat_$c" '$1 == c { print $3 }' <<<"$stats")
+        total=$((total + ${n:-0}))
+    done
+    echo "$total"
+}
+# cpu_ticks PID -> utime + stime of the process, in clock ticks
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 
 ROWS=()
-row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }
+row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
 
 start_proxy sled "backend = \"sled\"
 path = \"$WORK/sled\"
 sync = \"interval\""
 SLED=$ADDR
+SLED_PID=$PID
 start_proxy redis1 "backend = \"redis\"
 url = \"redis://127.0.0.1:$REDIS_PORT/0\""
 R1=$ADDR
+R1_PID=$PID
 start_proxy redis2 "backend = \"redis\"
 url = \"redis://127.0.0.1:$REDIS_PORT/0\""
 R2=$ADDR
@@ -136,38 +161,85 @@ R3=$ADDR
 # Prime the replay key on each store (one execution, then replays).
 for a in "$SLED" "$R1"; do curl -s -o /dev/null -X POST -H 'Idempotency-Key: replay-key' -H 'Content-Type: application/json' -d '{"amount":100,"currency":"EUR"}' "http://$a/api/orders"; done
 
+PEER=""
+if [[ -n ${PEER_BIN:-} ]]; then
+    # The peer reads its settings from .env in its working directory:
+    # loopback only, our Redis, our upstream, logs at warn. It keeps a
+    # response for REQUEST_TIMEOUT (its default, 10 s, would expire the
+    # replay key mid-run).
+    PEER_PORT=$(free_port)
+    mkdir -p "$WORK/peer"
+    cat >"$WORK/peer/.env" <<ENV
+SERVER_ADDR=127.0.0.1:$PEER_PORT
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+URL_UP=http://127.0.0.1:$UP_PORT/api/orders
+LOG_LEVEL=warn
+REQUEST_TIMEOUT=600000
+ENV
+    (cd "$WORK/peer" && exec "$PEER_BIN" >"$WORK/peer.out" 2>&1) &
+    PIDS+=($!)
+    PEER_PID=$!
+    wait_port "$PEER_PORT"
+    PEER=127.0.0.1:$PEER_PORT
+    curl -s -o /dev/null -X POST -H 'Idempotency-Key: replay-key' -H 'Content-Type: application/json' -d '{"amount":100,"currency":"EUR"}' "http://$PEER/URL_UP"
+fi
+
 log "pass-through (one proxy)"
 read -r PT PT99 <<<"$(wrk_rate plain "$CONC" "$SLED")"
-row "idemproxy pass-through" "$PT" "$PT99" "1.00×"
+row "idemproxy pass-through" "$PT" "$PT99" "1.00×" "" ""
 ratio() { python3 -c "print(f'{$1 / $PT:.2f}×')"; }
 
-# scenario LABEL MODE CONNECTIONS ADDR...: one table row; sets RT to the
-# Redis round trips per request it caused (EVALSHA calls / requests).
+# scenario LABEL MODE CONNECTIONS PID|- CMDS ADDR...: one table row with the
+# CPU µs per request of process PID (one proxy only) and the Redis round
+# trips per request (calls of the commands CMDS, comma-separated, over the
+# requests); sets RPS, CPU and RT.
 scenario() {
-    local label=$1 mode=$2 conns=$3 before after v p reqs
-    shift 3
+    local label=$1 mode=$2 conns=$3 pid=$4 cmds=$5 before after t0 t1 v p reqs
+    shift 5
     log "$label"
-    before=$(evalsha_calls)
+    before=$(calls ${cmds//,/ })
+    [[ $pid != - ]] && t0=$(cpu_ticks "$pid")
     read -r v p <<<"$(wrk_rate "$mode" "$conns" "$@")"
-    after=$(evalsha_calls)
-    row "$label" "$v" "$p" "$(ratio "$v")"
-    reqs=$(python3 -c "print(round($v * float('${DURATION%s}')))")
-    RT=$(python3 -c "print(f'{($after - $before) / max($reqs, 1):.2f}')")
+    [[ $pid != - ]] && t1=$(cpu_ticks "$pid")
+    after=$(calls ${cmds//,/ })
+    reqs=$(python3 -c "print(max(round($v * float('${DURATION%s}')), 1))")
+    RT=$(python3 -c "print(f'{($after - $before) / $reqs:.2f}')")
+    CPU=""
+    [[ $pid != - ]] && CPU=$(python3 -c "print(f'{($t1 - $t0) / $TICK * 1e6 / $reqs:.0f}')")
+    RPS=$v
+    row "$label" "$v" "$p" "$(ratio "$v")" "$CPU" "$([[ $cmds == - ]] || echo "$RT")"
 }
 
-scenario "unique keys, sled sync=interval, 1 proxy" unique "$CONC" "$SLED"
-scenario "unique keys, Redis, 1 proxy" unique "$CONC" "$R1"
-UNIQUE_RT=$RT
-scenario "unique keys, Redis, 3 proxies (sum)" unique $((CONC / 3)) "$R1" "$R2" "$R3"
-scenario "replay, sled, 1 proxy" replay "$CONC" "$SLED"
-scenario "replay, Redis, 1 proxy" replay "$CONC" "$R1"
-REPLAY_RT=$RT
-scenario "replay, Redis, 3 proxies (sum)" replay $((CONC / 3)) "$R1" "$R2" "$R3"
+scenario "unique keys, sled sync=interval, 1 proxy" unique "$CONC" "$SLED_PID" - "$SLED"
+scenario "unique keys, Redis, 1 proxy" unique "$CONC" "$R1_PID" evalsha "$R1"
+UNIQUE=$RPS UNIQUE_CPU=$CPU
+scenario "unique keys, Redis, 3 proxies (sum)" unique $((CONC / 3)) - evalsha "$R1" "$R2" "$R3"
+if [[ -n $PEER ]]; then
+    PATH_ON=/URL_UP scenario "unique keys, peer (idempotent-proxy) on the same Redis" unique "$CONC" "$PEER_PID" set,get,del "$PEER"
+    PEER_UNIQUE=$RPS PEER_UNIQUE_CPU=$CPU
+fi
+scenario "replay, sled, 1 proxy" replay "$CONC" "$SLED_PID" - "$SLED"
+scenario "replay, Redis, 1 proxy" replay "$CONC" "$R1_PID" evalsha "$R1"
+REPLAY=$RPS REPLAY_CPU=$CPU
+scenario "replay, Redis, 3 proxies (sum)" replay $((CONC / 3)) - evalsha "$R1" "$R2" "$R3"
+if [[ -n $PEER ]]; then
+    curl -s -o /dev/null -X POST -H 'Idempotency-Key: replay-key' -H 'Content-Type: application/json' -d '{"amount":100,"currency":"EUR"}' "http://$PEER/URL_UP"
+    PATH_ON=/URL_UP scenario "replay, peer (idempotent-proxy) on the same Redis" replay "$CONC" "$PEER_PID" set,get,del "$PEER"
+    PEER_REPLAY=$RPS PEER_REPLAY_CPU=$CPU
+fi
 
 echo "## Redis backend next to sled ($(date -u +%F), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), wrk -c$CONC -d$DURATION)"
 echo
-echo "| scenario | rps | p99 ms | vs idemproxy pass-through |"
-echo "|---|---:|---:|---:|"
+echo "| scenario | rps | p99 ms | vs idemproxy pass-through | proxy CPU µs/request | Redis round trips/request |"
+echo "|---|---:|---:|---:|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
 echo
-echo "Redis round trips per request (EVALSHA calls / requests, from INFO commandstats; approximate: wrk's count is of completed requests): unique keys $UNIQUE_RT, replay $REPLAY_RT."
+echo "Round trips: calls of EVALSHA (idemproxy) or SET+GET+DEL (the peer) from INFO commandstats over wrk's completed requests (approximate)."
+if [[ -n $PEER ]]; then
+    echo
+    python3 - "$UNIQUE" "$PEER_UNIQUE" "$REPLAY" "$PEER_REPLAY" "$UNIQUE_CPU" "$PEER_UNIQUE_CPU" "$REPLAY_CPU" "$PEER_REPLAY_CPU" <<'PY'
+import sys
+u, pu, r, pr, uc, puc, rc, prc = map(float, sys.argv[1:])
+print(f"idemproxy / peer on the same Redis: unique keys {u / pu:.2f}× the rate at {uc / puc:.2f}× the CPU per request; replay {r / pr:.2f}× the rate at {rc / prc:.2f}× the CPU per request.")
+PY
+fi

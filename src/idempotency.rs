@@ -52,7 +52,7 @@ use crate::config::Policy;
 use crate::metrics::{Metrics, Outcome};
 use crate::problem::{Code, Problem};
 use crate::proxy::{ConnInfo, Upstream};
-use crate::store::{now_ms, Fingerprint, RecordKey, Store};
+use crate::store::{now_ms, Completed, Ending, Fingerprint, RecordKey, Store};
 
 /// The engine handle. Cheap to clone.
 #[derive(Clone)]
@@ -268,6 +268,44 @@ impl Engine {
         self.inner.tasks.close();
         tokio::time::timeout(grace, self.inner.tasks.wait()).await.is_ok()
     }
+}
+
+/// The answer of a request that waited on this replica for an original on
+/// another replica which ended without storing anything (SPEC §5): the
+/// original's response, marked replayed, or its problem; never a second
+/// execution.
+fn ended_elsewhere(e: &Ending) -> (Answer, Shared) {
+    if let Some(p) = e.to_problem() {
+        let outcome = if p.code.status().is_server_error() {
+            Outcome::upstream_error
+        } else {
+            Outcome::conflict
+        };
+        return (problem(p.clone(), outcome), Shared::Problem(p, outcome));
+    }
+    let Ending::Response {
+        status,
+        headers,
+        body,
+        at,
+    } = e
+    else {
+        unreachable!("an ending is a problem or a response")
+    };
+    let replay = Arc::new(replay::Replay::from_completed(&Completed {
+        fingerprint: None,
+        status: *status,
+        headers: headers.clone(),
+        body: body.clone(),
+        replayable: true,
+        stored_at: *at,
+        expires_at: *at,
+        tombstone_until: 0,
+    }));
+    (
+        (replay.response(now_ms()), Outcome::coalesced),
+        Shared::Response(replay),
+    )
 }
 
 fn reused() -> Problem {

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+pub use self::redis::Ending;
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
 pub use record::{Claim, ClaimRequest, Completed, Fingerprint, Finish, Record, Token};
@@ -70,10 +71,21 @@ pub enum StoreError {
 
 /// Milliseconds since the Unix epoch, the unit of every stored timestamp.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    ms.saturating_add_signed(*CLOCK_SKEW_MS)
 }
+
+/// TEST ONLY: `IDEMPROXY_TEST_CLOCK_SKEW_MS` shifts this process's clock
+/// (milliseconds, may be negative), so a test can run one replica with a
+/// clock that is off (tests/redis.rs). Never set it in production.
+static CLOCK_SKEW_MS: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| {
+    std::env::var("IDEMPROXY_TEST_CLOCK_SKEW_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+});
 
 #[derive(Clone)]
 enum Backend {
@@ -156,11 +168,27 @@ impl Store {
     /// Finishes the claim held by `token`; the new state is durable (per the
     /// sync mode) before this returns.
     pub async fn finish(&self, key: &RecordKey, token: Token, how: Finish) -> Result<(), StoreError> {
+        self.finish_told(key, token, how, None, Duration::ZERO).await
+    }
+
+    /// Finishes like [`Store::finish`]; when nothing is stored, `ending`
+    /// (what the owner answered) is left for `keep` to the duplicates that
+    /// other replicas held for this claim, so they answer the same instead
+    /// of executing the key again (SPEC §5). Embedded stores have no other
+    /// replicas: their held duplicates get the outcome in process.
+    pub async fn finish_told(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        how: Finish,
+        ending: Option<&Ending>,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
         let start = std::time::Instant::now();
         let r = match &self.backend {
             Backend::Memory(m) => m.finish(key, token, &how),
             Backend::Sled(s) => s.finish(key, token, &how).await,
-            Backend::Redis(r) => r.finish(key, token, &how).await,
+            Backend::Redis(r) => r.finish(key, token, &how, ending, keep).await,
         };
         self.observe("finish", start, r)
     }
@@ -213,16 +241,18 @@ impl Store {
         }
     }
 
-    /// Resolves when another process may have changed `key`. Embedded stores
-    /// are owned by one process, so this never resolves for them: local
-    /// waiters are woken by the in-process flight instead. With Redis it
-    /// resolves on the key's change notification, when its owner's lease runs
-    /// out, or at once if the key is no longer in flight; the caller claims
-    /// again either way.
-    pub async fn wait_change(&self, key: &RecordKey) {
+    /// Resolves when another process may have changed `key`, for the claim
+    /// token `me` that found it in flight. Embedded stores are owned by one
+    /// process, so this never resolves for them: local waiters are woken by
+    /// the in-process flight instead. With Redis it resolves on the key's
+    /// change notification, when its owner's lease runs out, or at once if
+    /// the key is no longer in flight. `Some(ending)`: the owner ended
+    /// without storing and this is what it answered; answer the same and
+    /// never execute the key. `None`: claim again.
+    pub async fn wait_change(&self, key: &RecordKey, me: Token) -> Option<Ending> {
         match &self.backend {
-            Backend::Redis(r) => r.wait_change(key).await,
-            Backend::Memory(_) | Backend::Sled(_) => std::future::pending::<()>().await,
+            Backend::Redis(r) => r.wait_change(key, me).await,
+            Backend::Memory(_) | Backend::Sled(_) => std::future::pending().await,
         }
     }
 
@@ -292,8 +322,10 @@ impl Store {
     /// Makes everything written so far durable (at shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
         match &self.backend {
-            // Redis's durability is its own (appendonly, replicas + WAIT).
-            Backend::Memory(_) | Backend::Redis(_) => Ok(()),
+            Backend::Memory(_) => Ok(()),
+            // Redis's durability is its own (appendonly, replicas + WAIT);
+            // what is left is to settle operations whose reply never came.
+            Backend::Redis(r) => r.flush().await,
             Backend::Sled(s) => s.flush().await,
         }
     }

@@ -669,9 +669,10 @@ async fn stalled_owner_cannot_complete_over_a_newer_owner() {
     assert!(matches!(b.claim(&key, &req_b).await.unwrap(), Claim::InFlight { .. }));
     a.renew(&key, ta).await.expect("the owner renews its own lease");
     // wait_change resolves when A's lease runs out (A stalls: no renewal).
-    tokio::time::timeout(Duration::from_secs(3), b.wait_change(&key))
+    let ended = tokio::time::timeout(Duration::from_secs(3), b.wait_change(&key, tb))
         .await
         .expect("wait_change resolves at the end of the lease");
+    assert!(ended.is_none(), "A left no ending: it never finished");
     let (mut req_b, _) = claim_req(&b, true);
     req_b.token = tb;
     assert_eq!(b.claim(&key, &req_b).await.unwrap(), Claim::Acquired, "B takes over");
@@ -703,20 +704,22 @@ async fn stalled_owner_cannot_complete_over_a_newer_owner() {
     };
     assert_eq!(&c.body[..], b"from B");
 
-    // on_lost_outcome = reject: the verdict "lost" is persisted, A cannot finish.
+    // on_lost_outcome = reject: the verdict "lost" is persisted; nobody took
+    // the key over, so the stalled owner's late outcome still replaces
+    // "unknown" (its token is still the record's).
     let key = RecordKey::new("tenant", "lost");
     let (req, ta) = claim_req(&a, false);
     assert_eq!(a.claim(&key, &req).await.unwrap(), Claim::Acquired);
-    tokio::time::timeout(Duration::from_secs(3), b.wait_change(&key))
+    let (req_b, tb) = claim_req(&b, false);
+    assert!(matches!(b.claim(&key, &req_b).await.unwrap(), Claim::InFlight { .. }));
+    tokio::time::timeout(Duration::from_secs(3), b.wait_change(&key, tb))
         .await
         .expect("wait_change resolves at the end of the lease");
     let (req_b, _) = claim_req(&b, false);
     assert!(matches!(b.claim(&key, &req_b).await.unwrap(), Claim::Lost(_)));
-    assert!(matches!(
-        a.finish(&key, ta, completed("late")).await,
-        Err(StoreError::NotOwner(_))
-    ));
     assert!(matches!(b.get(&key).await.unwrap(), Some(Record::Lost(_))));
+    a.finish(&key, ta, completed("late")).await.unwrap();
+    assert!(matches!(b.get(&key).await.unwrap(), Some(Record::Completed(_))));
 
     // A different request under the same key is a mismatch, nothing changes.
     let (mut other, _) = claim_req(&b, true);
@@ -728,10 +731,12 @@ async fn stalled_owner_cannot_complete_over_a_newer_owner() {
     let (req, _) = claim_req(&a, false);
     assert_eq!(a.claim(&key, &req).await.unwrap(), Claim::Acquired);
     a.renew(&key, req.token).await.unwrap();
+    let (req_b, tb) = claim_req(&b, false);
+    assert!(matches!(b.claim(&key, &req_b).await.unwrap(), Claim::InFlight { .. }));
     let waiter = {
         let b = b.clone();
         let key = key.clone();
-        tokio::spawn(async move { b.wait_change(&key).await })
+        tokio::spawn(async move { b.wait_change(&key, tb).await })
     };
     // Give the waiter a moment to subscribe; correctness does not depend on it.
     tokio::task::yield_now().await;
@@ -888,9 +893,9 @@ async fn round_trips_per_first_request_and_replay() {
 }
 
 /// Coalesce-only (`ttl = "0s"`) across replicas: a duplicate on the same
-/// replica shares the original's response; one held on another replica
-/// waits for the original to finish, then executes again (never both at
-/// once); afterwards nothing is left in Redis.
+/// replica and one held on another replica both get the original's
+/// response (one execution, never two at once); a request that arrives
+/// after the original ended executes again; no record is kept in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesce_only_across_replicas_never_runs_twice_at_once() {
     let redis = RedisServer::start();
@@ -903,36 +908,41 @@ async fn coalesce_only_across_replicas_never_runs_twice_at_once() {
     );
     let proxies = start_replicas(2, &config);
     let c = Client::new();
-    let url = |i: usize| proxies[i].url("/v1/job?delay=400");
-    let start = Instant::now();
+    let url = |i: usize| proxies[i].url("/v1/job?gate=1");
     let send = |u: String| {
         let c = c.clone();
-        tokio::spawn(async move {
-            let r = c.post_key(&u, "job", "{}").await;
-            (r, start.elapsed())
-        })
+        tokio::spawn(async move { c.post_key(&u, "job", "{}").await })
     };
     let original = send(url(0));
     up.wait_arrived(1).await;
     let same = send(url(0));
     let other = send(url(1));
-    let (original, done) = original.await.unwrap();
-    let (same, _) = same.await.unwrap();
-    let (other, other_done) = other.await.unwrap();
+    wait_held_elsewhere(&redis, &["job"]).await;
+    up.open_gate();
+    let original = original.await.unwrap();
+    let same = same.await.unwrap();
+    let other = other.await.unwrap();
 
     assert_eq!(original.replayed(), Some("false"));
     assert_eq!(same.replayed(), Some("true"), "same replica: shares the response");
     assert_eq!(same.body, original.body);
     assert_eq!(other.status, StatusCode::CREATED);
-    assert_eq!(other.replayed(), Some("false"), "other replica: executes again");
-    assert_eq!(other.header("x-execution"), Some("2"));
-    assert!(
-        other_done >= done + Duration::from_millis(350),
-        "the second execution started only after the first ended ({done:?}, {other_done:?})"
-    );
+    assert_eq!(other.replayed(), Some("true"), "other replica: shares the response too");
+    assert_eq!(other.body, original.body);
+    assert_eq!(up.executions_of("/v1/job"), 1, "held duplicates never execute");
+
+    // Once it ended, the key is free: the next request executes again.
+    let again = c.post_key(&url(1), "job", "{}").await;
+    assert_eq!(again.replayed(), Some("false"));
+    assert_eq!(again.header("x-execution"), Some("2"));
     assert_eq!(up.executions_of("/v1/job"), 2);
-    let keys: u64 = redis.cli(&["DBSIZE"]).trim().parse().unwrap();
-    assert_eq!(keys, 0, "nothing is kept after a coalesce-only request");
+    let k = redis_key("idemproxy", "job");
+    assert!(!exists(&redis, &k), "no record is kept after a coalesce-only request");
+    let ending_ttl: i64 = redis.cli(&["PTTL", &format!("{k}:end")]).trim().parse().unwrap();
+    assert!(
+        ending_ttl <= 30_000,
+        "what the waiter read lasts at most wait_timeout ({ending_ttl} ms)"
+    );
 }
 
 /// `MEMORY USAGE` of a Redis key in bytes; 0 when it does not exist.
@@ -1149,4 +1159,602 @@ fn backend_settings_of_another_backend_are_errors() {
     let (code, out, err) = run_cli(&["check", "--config", ok.to_str().unwrap()], &[], dir.path());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("redis"), "{out}");
+}
+
+// ------------------------------------------- replicas behave as one process
+
+/// Waits (bounded) until a request for each of `keys` is held on some
+/// replica for an original on another one: its replica subscribed to the
+/// key's channel.
+async fn wait_held_elsewhere(redis: &RedisServer, keys: &[&str]) {
+    let channels: Vec<String> = keys
+        .iter()
+        .map(|k| format!("{}:changed", redis_key("idemproxy", k)))
+        .collect();
+    let mut args = vec!["PUBSUB", "NUMSUB"];
+    args.extend(channels.iter().map(String::as_str));
+    let start = Instant::now();
+    loop {
+        let out = redis.cli(&args);
+        let counts: Vec<u64> = out
+            .lines()
+            .skip(1)
+            .step_by(2)
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if counts.len() == keys.len() && counts.iter().all(|n| *n > 0) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the duplicates were never held on the other replica: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One original on replica 0, one duplicate held on replica 1 until the
+/// original ends; both answers, and when each arrived.
+struct HeldElsewhere {
+    original: (Resp, Instant),
+    held: (Resp, Instant),
+}
+
+/// Sends `key` to replica 0 on `path` (which must hold the upstream until
+/// `release` runs, e.g. with `gate=1`), holds a duplicate on replica 1,
+/// then releases the original.
+async fn held_elsewhere(
+    redis: &RedisServer,
+    proxies: &[Proxy],
+    path: &str,
+    key: &str,
+    in_flight: impl std::future::Future<Output = ()>,
+    release: impl FnOnce(),
+) -> HeldElsewhere {
+    let c = Client::new();
+    let send = |i: usize| {
+        let (c, url, key) = (c.clone(), proxies[i].url(path), key.to_owned());
+        tokio::spawn(async move {
+            let r = c.post_key(&url, &key, "{\"n\":1}").await;
+            (r, Instant::now())
+        })
+    };
+    let original = send(0);
+    in_flight.await;
+    let held = send(1);
+    wait_held_elsewhere(redis, &[key]).await;
+    release();
+    HeldElsewhere {
+        original: original.await.unwrap(),
+        held: held.await.unwrap(),
+    }
+}
+
+/// Two replicas on one Redis with `extra` config; upstream timeout `timeout`.
+fn two_replicas(redis: &RedisServer, upstream: &str, timeout: &str, extra: &str) -> Vec<Proxy> {
+    let config = redis_config(upstream, timeout, &format!("url = \"{}\"", redis.url()), extra);
+    start_replicas(2, &config)
+}
+
+/// The upstream answered but nothing was stored: the held duplicate on the
+/// other replica gets the same response, marked replayed, and the upstream
+/// runs once; a later request executes again.
+async fn check_unstored_response_reaches_the_other_replica(status: u16, extra: &str) {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let proxies = two_replicas(&redis, &up.url(), "5s", extra);
+    let path = format!("/v1/unstored?gate=1&status={status}");
+    let h = held_elsewhere(&redis, &proxies, &path, "k", up.wait_arrived(1), || up.open_gate()).await;
+    let (original, held) = (h.original.0, h.held.0);
+    assert_eq!(original.status.as_u16(), status);
+    assert_eq!(original.replayed(), Some("false"));
+    assert_eq!(
+        up.executions_of("/v1/unstored"),
+        1,
+        "the held duplicate did not execute"
+    );
+    assert_eq!(held.status.as_u16(), status, "{:?}", held.body);
+    assert_eq!(held.replayed(), Some("true"), "the upstream's response, shared");
+    assert_eq!(held.body, original.body);
+    assert_eq!(held.header("x-execution"), Some("1"));
+
+    // Nothing was stored: a request after the original ended executes again.
+    let c = Client::new();
+    let again = c.post_key(&proxies[1].url(&path), "k", "{\"n\":1}").await;
+    assert_eq!(again.replayed(), Some("false"));
+    assert_eq!(up.executions_of("/v1/unstored"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_duplicate_on_another_replica_gets_the_original_503() {
+    check_unstored_response_reaches_the_other_replica(503, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_duplicate_on_another_replica_gets_a_never_store_status() {
+    check_unstored_response_reaches_the_other_replica(429, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_duplicate_on_another_replica_gets_the_original_on_a_coalesce_only_route() {
+    check_unstored_response_reaches_the_other_replica(201, "[idempotency]\nttl = \"0s\"\n").await;
+}
+
+/// A listener whose accept queue is full: a connection to it hangs until
+/// the connecting side's timeout, then fails as refused (nothing sent).
+async fn unreachable_upstream() -> (std::net::SocketAddr, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(0).unwrap();
+    std::mem::forget(listener); // never accepts; lives until the test ends
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => return (addr, fillers),
+        }
+    }
+    panic!("the accept queue never filled up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_duplicate_on_another_replica_gets_the_original_502_refused() {
+    let redis = RedisServer::start();
+    let (addr, _fillers) = unreachable_upstream().await;
+    let config = redis_config(
+        &format!("http://{addr}"),
+        "10s",
+        &format!("url = \"{}\"", redis.url()),
+        "",
+    )
+    .replace("[upstream]\n", "[upstream]\nconnect_timeout = \"3s\"\n");
+    let proxies = start_replicas(2, &config);
+    let c = Client::new();
+    // The original is in flight (claimed) while its connect hangs.
+    let in_flight = async {
+        let start = Instant::now();
+        while record_state(&c, &proxies[1], "refused").await.as_deref() != Some("in_flight") {
+            assert!(start.elapsed() < Duration::from_secs(10), "never in flight");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let h = held_elsewhere(&redis, &proxies, "/v1/refused", "refused", in_flight, || {}).await;
+    let ((original, done), (held, held_done)) = (h.original, h.held);
+    assert_eq!(original.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(original.code(), "upstream_unavailable");
+    assert_eq!(held.status, StatusCode::BAD_GATEWAY, "{:?}", held.body);
+    assert_eq!(held.code(), "upstream_unavailable");
+    assert_eq!(
+        held.replayed(),
+        None,
+        "a problem of the proxy carries no Idempotent-Replayed"
+    );
+    // Had it connected itself, it would have hung for another connect_timeout.
+    let lag = held_done.saturating_duration_since(done);
+    assert!(
+        lag < Duration::from_millis(1500),
+        "the held duplicate got the original's 502 ({lag:?} later), not its own"
+    );
+    assert_eq!(
+        record_state(&c, &proxies[0], "refused").await,
+        None,
+        "refused: the key is free"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_duplicate_on_another_replica_gets_the_original_unknown_outcome() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let proxies = two_replicas(&redis, &up.url(), "5s", "");
+    let path = "/v1/broken?gate=1&close=1";
+    let h = held_elsewhere(&redis, &proxies, path, "broken", up.wait_arrived(1), || up.open_gate()).await;
+    let (original, held) = (h.original.0, h.held.0);
+    assert_eq!(original.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(original.code(), "upstream_unavailable");
+    assert_eq!(held.status, StatusCode::BAD_GATEWAY, "{:?}", held.body);
+    assert_eq!(held.code(), "upstream_unavailable");
+    assert_eq!(up.executions_of("/v1/broken"), 1, "the held duplicate did not execute");
+    // The outcome is unknown: retries are refused (on_lost_outcome = reject).
+    let c = Client::new();
+    let retry = c.post_key(&proxies[1].url(path), "broken", "{\"n\":1}").await;
+    assert_eq!(retry.code(), "outcome_unknown");
+    assert_eq!(up.executions_of("/v1/broken"), 1);
+}
+
+/// A replica whose clock runs 10 s ahead neither takes a live claim (whose
+/// in-flight lifetime on the owner's clock is 7 s) nor sees a stored
+/// response (ttl 5 s) as expired: Redis's clock and expiry decide.
+/// `IDEMPROXY_TEST_CLOCK_SKEW_MS` is a test-only knob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_skewed_clock_neither_steals_nor_expires() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let config = redis_config(
+        &up.url(),
+        "2s",
+        &format!("url = \"{}\"", redis.url()),
+        "[[routes]]\npath = \"/v1/co/*\"\nttl = \"0s\"\n[[routes]]\npath = \"/v1/short/*\"\nttl = \"5s\"\n",
+    );
+    let accurate = Proxy::start(&config);
+    let ahead = Proxy::try_start_in(
+        Arc::new(tempfile::tempdir().unwrap()),
+        &config,
+        &[("IDEMPROXY_TEST_CLOCK_SKEW_MS", "10000")],
+    )
+    .unwrap();
+    let c = Client::new();
+
+    // A live claim (coalesce-only) stays its owner's.
+    let original = c.spawn_post_key(&accurate.url("/v1/co/job?gate=1"), "live", "{}");
+    up.wait_arrived(1).await;
+    let dup = c.spawn_post_key(&ahead.url("/v1/co/job?gate=1"), "live", "{}");
+    // Either it is held (new code) or it executed (a stolen claim).
+    let start = Instant::now();
+    loop {
+        let held = redis.cli(&[
+            "PUBSUB",
+            "NUMSUB",
+            &format!("{}:changed", redis_key("idemproxy", "live")),
+        ]);
+        if held.lines().nth(1).is_some_and(|n| n.trim() != "0") || up.executions() > 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "neither held nor executed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    up.open_gate();
+    let (original, dup) = (original.await.unwrap(), dup.await.unwrap());
+    assert_eq!(
+        up.executions_of("/v1/co/job"),
+        1,
+        "the skewed replica took a live claim"
+    );
+    assert_eq!(dup.replayed(), Some("true"));
+    assert_eq!(dup.body, original.body);
+
+    // A stored response is replayed on the skewed replica within its ttl.
+    let first = c.post_key(&accurate.url("/v1/short/x"), "stored", "{}").await;
+    assert_eq!(first.replayed(), Some("false"));
+    let replay = c.post_key(&ahead.url("/v1/short/x"), "stored", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"), "expiry is Redis's, not the replica's");
+    assert_eq!(replay.body, first.body);
+    assert_eq!(up.executions_of("/v1/short/x"), 1);
+}
+
+/// A Redis Cluster of one node whose every connection goes through a fault
+/// proxy: the node announces the proxy's port.
+async fn cluster_behind_a_fault_proxy() -> (RedisServer, support::fault::FaultProxy) {
+    let port = free_port();
+    let fault = support::fault::FaultProxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let node = RedisServer::start_on(
+        port,
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-port",
+            &free_port().to_string(),
+            "--cluster-announce-ip",
+            "127.0.0.1",
+            "--cluster-announce-port",
+            &fault.port().to_string(),
+        ],
+    );
+    assert!(node.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]).contains("OK"));
+    let start = Instant::now();
+    while !node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+        assert!(start.elapsed() < Duration::from_secs(15), "cluster did not become ok");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (node, fault)
+}
+
+/// Polls the records API until `key` is `want` (bounded), failing at once
+/// if it is ever `lost`.
+async fn settles_to(c: &Client, proxy: &Proxy, key: &str, want: Option<&str>) {
+    let start = Instant::now();
+    loop {
+        let state = record_state(c, proxy, key).await;
+        assert_ne!(
+            state.as_deref(),
+            Some("lost"),
+            "{key} turned lost without an upstream call"
+        );
+        if state.as_deref() == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{key} is {state:?}, never {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The claim ran in Redis but its reply was lost with the connection; the
+/// cluster client retries the script on a new connection: the claim
+/// recognises its own token and the key executes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_claim_reply_retried_by_the_cluster_client_is_the_callers_own() {
+    let (_node, fault) = cluster_behind_a_fault_proxy().await;
+    let up = Upstream::start().await;
+    let store = format!(
+        "cluster = [\"redis://127.0.0.1:{}\"]\nlease = \"1s\"\nop_timeout = \"3s\"",
+        fault.port()
+    );
+    let proxy = Proxy::start(&redis_config(&up.url(), "5s", &store, ""));
+    let c = Client::new();
+    assert_eq!(
+        c.post_key(&proxy.url("/v1/warm"), "warm", "{}").await.status,
+        StatusCode::CREATED
+    );
+
+    let k = redis_key("idemproxy", "lost-reply");
+    fault.drop_reply_to(&[b"EVALSHA", k.as_bytes()]);
+    let r = c.post_key(&proxy.url("/v1/lr"), "lost-reply", "{}").await;
+    fault.wait_dropped(1).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?} {}", r.body, proxy.stderr());
+    assert_eq!(r.replayed(), Some("false"));
+    assert_eq!(up.executions_of("/v1/lr"), 1);
+    settles_to(&c, &proxy, "lost-reply", Some("completed")).await;
+    let again = c.post_key(&proxy.url("/v1/lr"), "lost-reply", "{}").await;
+    assert_eq!(again.replayed(), Some("true"));
+    assert_eq!(up.executions_of("/v1/lr"), 1);
+}
+
+/// Standalone Redis: the claim's or the finish's reply is lost with the
+/// connection. A lost claim is answered 503 (nothing forwarded) and
+/// settled, so the key is free, never `lost`; a lost finish is settled, so
+/// the response is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replies_on_standalone_redis_never_leave_a_key_lost() {
+    let redis = RedisServer::start();
+    let fault = support::fault::FaultProxy::start(redis.addr().parse().unwrap()).await;
+    let up = Upstream::start().await;
+    let store = format!(
+        "url = \"redis://127.0.0.1:{}/0\"\nlease = \"1s\"\nop_timeout = \"2s\"",
+        fault.port()
+    );
+    let proxy = Proxy::start(&redis_config(&up.url(), "5s", &store, ""));
+    let c = Client::new();
+
+    let k = redis_key("idemproxy", "claim");
+    fault.drop_reply_to(&[b"EVALSHA", k.as_bytes()]);
+    let r = c.post_key(&proxy.url("/v1/claim"), "claim", "{}").await;
+    fault.wait_dropped(1).await;
+    if r.status == StatusCode::SERVICE_UNAVAILABLE {
+        assert_eq!(r.code(), "store_unavailable");
+        assert_eq!(up.executions_of("/v1/claim"), 0, "nothing forwarded");
+        settles_to(&c, &proxy, "claim", None).await;
+        let r = c.post_key(&proxy.url("/v1/claim"), "claim", "{}").await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(r.replayed(), Some("false"));
+    } else {
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    assert_eq!(up.executions_of("/v1/claim"), 1, "exactly once");
+    settles_to(&c, &proxy, "claim", Some("completed")).await;
+
+    // The finish carries the response; its reply is lost.
+    let k = redis_key("idemproxy", "finish");
+    fault.drop_reply_to(&[b"EVALSHA", k.as_bytes(), b"execution"]);
+    let r = c.post_key(&proxy.url("/v1/finish"), "finish", "{}").await;
+    fault.wait_dropped(1).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    settles_to(&c, &proxy, "finish", Some("completed")).await;
+    let again = c.post_key(&proxy.url("/v1/finish"), "finish", "{}").await;
+    assert_eq!(again.replayed(), Some("true"));
+    assert_eq!(again.body, r.body);
+    assert_eq!(up.executions_of("/v1/finish"), 1);
+}
+
+/// A keyed POST over its own HTTP/1.1 connection, waiting as long as it
+/// takes (bounded: 2 minutes; the shared client gives up after 30 s, which
+/// a request held through a brown-out on a loaded machine may need).
+async fn post_patiently(addr: std::net::SocketAddr, path: &str, key: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\nidempotency-key: {key}\r\ncontent-length: 2\r\n\r\n{{}}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, text)
+    };
+    tokio::time::timeout(Duration::from_secs(120), exchange)
+        .await
+        .expect("no answer within 2 minutes")
+}
+
+/// A brown-out longer than 30 s (and than the lease) between two replicas
+/// and Redis, with 2000 keyed requests in flight: 1500 forwarded, whose
+/// finishes never get through; 500 whose claims ran in Redis but whose
+/// replies never came (the callers answered 503). Then every connection
+/// breaks, losing whatever was held, and Redis is reachable again.
+/// Afterwards every key is either stored once or free: none is `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_brown_out_every_key_is_stored_once_or_free() {
+    const FORWARDED: usize = 1500;
+    const CLAIMING: usize = 500;
+    let redis = RedisServer::start();
+    let fault = support::fault::FaultProxy::start(redis.addr().parse().unwrap()).await;
+    let up = Upstream::start().await;
+    let store = format!(
+        "url = \"redis://127.0.0.1:{}/0\"\nlease = \"2s\"\nop_timeout = \"2s\"",
+        fault.port()
+    );
+    let proxies = start_replicas(2, &redis_config(&up.url(), "60s", &store, ""));
+    let c = Client::new();
+    let send = |i: usize| {
+        let addr = proxies[i % 2].addr;
+        tokio::spawn(async move { post_patiently(addr, &format!("/v1/bo/{i}?gate=1"), &format!("bo-{i}")).await })
+    };
+
+    // In batches, so that the claims of the burst meet no timeout of ours.
+    let start = Instant::now();
+    let mut forwarded = Vec::new();
+    for batch in (0..FORWARDED).collect::<Vec<_>>().chunks(250) {
+        forwarded.extend(batch.iter().copied().map(send));
+        while up.executions() < forwarded.len() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "only {} of the first {FORWARDED} requests reached the upstream",
+                up.executions()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("{FORWARDED} forwarded in {:?}", start.elapsed());
+
+    // The claims run in Redis, their replies do not come; then nothing
+    // gets through either way, before the claimants give up (op_timeout).
+    fault.stall_replies();
+    let browned = Instant::now();
+    let claiming: Vec<_> = (FORWARDED..FORWARDED + CLAIMING).map(send).collect();
+    let start = Instant::now();
+    while redis
+        .cli(&["EVAL", "return #redis.call('KEYS', 'idemproxy:{*}')", "0"])
+        .trim()
+        != (FORWARDED + CLAIMING).to_string()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the claims never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fault.stall();
+    for t in claiming {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("store_unavailable"), "{body}");
+    }
+    eprintln!("{CLAIMING} claims refused {:?} into the brown-out", browned.elapsed());
+    up.open_gate();
+    for t in forwarded {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    eprintln!("{FORWARDED} answered {:?} into the brown-out", browned.elapsed());
+    tokio::time::sleep_until((browned + Duration::from_secs(35)).into()).await;
+    fault.reset_all();
+    fault.resume();
+    eprintln!("brown-out over after {:?}", browned.elapsed());
+
+    // Settled: no record left in flight or lost (asked of Redis at once).
+    const UNSETTLED: &str = "local n = 0 for _, k in ipairs(redis.call('KEYS', 'idemproxy:{*}')) do \
+        local s = redis.call('HGET', k, 's') if s == 'f' or s == 'l' then n = n + 1 end end return n";
+    let start = Instant::now();
+    loop {
+        let unsettled = redis.cli(&["EVAL", UNSETTLED, "0"]);
+        if unsettled.trim() == "0" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} keys still in flight or lost {:?} after the brown-out",
+            unsettled.trim(),
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("every key settled {:?} after the brown-out", start.elapsed());
+    let lookups = Arc::new(tokio::sync::Semaphore::new(32));
+    let states: Vec<_> = (0..FORWARDED + CLAIMING)
+        .map(|i| {
+            let (c, admin, lookups) = (c.clone(), proxies[i % 2].admin_url("/"), lookups.clone());
+            tokio::spawn(async move {
+                let _permit = lookups.acquire_owned().await.unwrap();
+                let r = c.get(&format!("{admin}v1/records?tenant=anonymous&key=bo-{i}")).await;
+                (r.status == StatusCode::OK).then(|| r.json()["state"].as_str().unwrap().to_owned())
+            })
+        })
+        .collect();
+    let mut found = Vec::new();
+    for t in states {
+        found.push(t.await.unwrap());
+    }
+    let states = found;
+    for (i, state) in states.iter().enumerate() {
+        let executions = up.executions_of(&format!("/v1/bo/{i}"));
+        match (executions, state.as_deref()) {
+            (1, Some("completed")) | (0, None) => {}
+            other => panic!("bo-{i}: (executions, state) = {other:?}"),
+        }
+        assert_eq!(executions, usize::from(i < FORWARDED), "bo-{i}");
+    }
+    let replay = c.post_key(&proxies[1].url("/v1/bo/0?gate=1"), "bo-0", "{}").await;
+    assert_eq!(replay.replayed(), Some("true"));
+    let fresh = c
+        .post_key(
+            &proxies[0].url(&format!("/v1/bo/{FORWARDED}")),
+            &format!("bo-{FORWARDED}"),
+            "{}",
+        )
+        .await;
+    assert_eq!(fresh.replayed(), Some("false"));
+    assert_eq!(up.executions_of(&format!("/v1/bo/{FORWARDED}")), 1);
+}
+
+/// How long a duplicate held on another replica waits after the original's
+/// client got its response: by notification, about one Redis round trip.
+/// `IDEMPROXY_LAG_ROUNDS` (default 5) and `IDEMPROXY_LAG_KEYS` (keys at once
+/// per round, default 20) give more or quieter samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_held_on_another_replica_answers_right_after_the_original() {
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let proxies = two_replicas(&redis, &up.url(), "5s", "");
+    let c = Client::new();
+    let rounds: usize = std::env::var("IDEMPROXY_LAG_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let per_round: usize = std::env::var("IDEMPROXY_LAG_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut lags = Vec::new();
+    for round in 0..rounds {
+        let keys: Vec<String> = (0..per_round).map(|i| format!("lag-{round}-{i}")).collect();
+        let send = |i: usize, key: &str| {
+            let (c, url, key) = (c.clone(), proxies[i].url("/v1/lag?delay=400"), key.to_owned());
+            tokio::spawn(async move {
+                let r = c.post_key(&url, &key, "{}").await;
+                (r, Instant::now())
+            })
+        };
+        let before = up.executions();
+        let originals: Vec<_> = keys.iter().map(|k| send(0, k)).collect();
+        up.wait_arrived(before + keys.len()).await;
+        let held: Vec<_> = keys.iter().map(|k| send(1, k)).collect();
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        wait_held_elsewhere(&redis, &names).await;
+        for (o, h) in originals.into_iter().zip(held) {
+            let ((o, done), (h, held_done)) = (o.await.unwrap(), h.await.unwrap());
+            assert_eq!(o.replayed(), Some("false"));
+            assert_eq!(h.replayed(), Some("true"));
+            assert_eq!(h.body, o.body);
+            lags.push(held_done.saturating_duration_since(done));
+        }
+    }
+    assert_eq!(up.executions_of("/v1/lag"), rounds * per_round);
+    lags.sort();
+    let at = |q: f64| lags[((lags.len() as f64 * q).ceil() as usize).clamp(1, lags.len()) - 1];
+    eprintln!(
+        "held on another replica, answered after the original: p50 {:?}, p99 {:?}, max {:?} ({} samples)",
+        at(0.5),
+        at(0.99),
+        lags[lags.len() - 1],
+        lags.len()
+    );
+    // By notification, not a poll period (CI machines are noisy: a wide bound).
+    assert!(at(0.5) < Duration::from_millis(50), "p50 {:?}", at(0.5));
 }

@@ -26,7 +26,7 @@ use crate::config::{LostOutcome, Policy};
 use crate::metrics::Outcome;
 use crate::problem::{Code, Problem};
 use crate::proxy::UpstreamError;
-use crate::store::{now_ms, Claim, ClaimRequest, Completed, Fingerprint, Finish, Token};
+use crate::store::{now_ms, Claim, ClaimRequest, Completed, Ending, Fingerprint, Finish, Token};
 
 pub(super) struct LeaderTask {
     pub engine: Engine,
@@ -120,9 +120,13 @@ impl LeaderTask {
                     if !store.is_shared() || Instant::now() >= wait_until {
                         return self.fail(in_use(Duration::from_secs(1)), Outcome::conflict);
                     }
-                    tokio::select! {
-                        () = store.wait_change(self.leader.key()) => {}
-                        () = tokio::time::sleep_until(wait_until) => {}
+                    let ended = tokio::select! {
+                        e = store.wait_change(self.leader.key(), token) => e,
+                        () = tokio::time::sleep_until(wait_until) => None,
+                    };
+                    if let Some(e) = ended {
+                        let (own, shared) = super::ended_elsewhere(&e);
+                        return self.done(own, shared);
                     }
                 }
             }
@@ -180,10 +184,13 @@ impl LeaderTask {
                     Finish::Lost
                 };
                 tracing::warn!(key = %LogKey(self.leader.key()), error = %e, finish = ?how, "upstream exchange failed");
-                if let Err(se) = store.finish(&key, token, how).await {
+                let p = e.problem();
+                let ending = Ending::problem(&p);
+                let told = store.finish_told(&key, token, how, Some(&ending), self.policy.wait_timeout);
+                if let Err(se) = told.await {
                     tracing::error!(key = %LogKey(self.leader.key()), error = %se, "could not record the failed exchange");
                 }
-                return self.fail(e.problem(), Outcome::upstream_error);
+                return self.fail(p, Outcome::upstream_error);
             }
         };
         let status = head.status;
@@ -194,7 +201,8 @@ impl LeaderTask {
                 let replay = Arc::new(Replay::new(status, &head.headers, body.clone(), now));
                 let how = self.completion(storable, status, Some((replay.stored_headers(), body.clone())), now);
                 let outcome = if storable { Outcome::stored } else { Outcome::not_stored };
-                self.finish_record(token, how).await;
+                let ending = (!storable).then(|| Ending::response(status, replay.stored_headers(), body.clone(), now));
+                self.finish_record(token, how, ending.as_ref()).await;
                 let mut own = Response::from_parts(head, ResponseBody::full(body));
                 own.headers_mut()
                     .insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("false"));
@@ -202,15 +210,16 @@ impl LeaderTask {
             }
             Read::TooLarge(prefix, rest) => {
                 let how = self.completion(storable, status, None, now);
-                self.finish_record(token, how).await;
-                let (tx, rx) = mpsc::channel(8);
-                let mut own = Response::from_parts(head, ResponseBody::Channel { rx });
-                own.headers_mut()
-                    .insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("false"));
                 let p = Problem::new(
                     Code::ResponseNotReplayable,
                     "the original response is larger than max_response_body and is not kept",
                 );
+                self.finish_record(token, how, (!storable).then(|| Ending::problem(&p)).as_ref())
+                    .await;
+                let (tx, rx) = mpsc::channel(8);
+                let mut own = Response::from_parts(head, ResponseBody::Channel { rx });
+                own.headers_mut()
+                    .insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("false"));
                 self.done((own, Outcome::not_stored), Shared::Problem(p, Outcome::conflict));
                 pump(prefix, rest, tx, deadline).await;
             }
@@ -248,8 +257,10 @@ impl LeaderTask {
     /// Finishes the record; a failure is logged, not hidden behind a
     /// second execution: the response is still delivered, and the key stays
     /// claimed (in flight, then lost) so no retry executes it again.
-    async fn finish_record(&self, token: Token, how: Finish) {
-        if let Err(e) = self.engine.inner.store.finish(self.leader.key(), token, how).await {
+    async fn finish_record(&self, token: Token, how: Finish, ending: Option<&Ending>) {
+        let store = &self.engine.inner.store;
+        let told = store.finish_told(self.leader.key(), token, how, ending, self.policy.wait_timeout);
+        if let Err(e) = told.await {
             tracing::error!(key = %LogKey(self.leader.key()), error = %e, "could not store the completed response");
         }
     }

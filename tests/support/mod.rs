@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod body_probe;
+pub mod fault;
 pub mod flaky;
 pub mod raw;
 pub mod tmpfs;

@@ -18,7 +18,7 @@ use crate::idempotency::recording::{End, Recording, Writer};
 use crate::idempotency::replay::{self, IDEMPOTENT_REPLAYED};
 use crate::metrics::Outcome;
 use crate::proxy::UpstreamError;
-use crate::store::{now_ms, Finish, Token};
+use crate::store::{now_ms, Ending, Finish, Token};
 
 impl LeaderTask {
     /// A streamed response: the leader's client and every duplicate read one
@@ -71,8 +71,16 @@ impl LeaderTask {
                 let kept = recording
                     .body()
                     .map(|body| (replay::stored_form(&recording.headers), body));
+                let ending = (!storable).then(|| recording.body()).flatten().map(|body| {
+                    Ending::response(
+                        recording.status,
+                        replay::stored_form(&recording.headers),
+                        body,
+                        now_ms(),
+                    )
+                });
                 let how = self.completion(storable, recording.status, kept, now_ms());
-                self.finish_record(token, how).await;
+                self.finish_record(token, how, ending.as_ref()).await;
                 End::Complete
             }
             Err(e) => {
@@ -82,7 +90,8 @@ impl LeaderTask {
                     Finish::Lost
                 };
                 tracing::warn!(key = %LogKey(self.leader.key()), error = %e, finish = ?how, bytes = recording.len(), "upstream stream broke");
-                self.finish_record(token, how).await;
+                self.finish_record(token, how, Some(&Ending::problem(&e.problem())))
+                    .await;
                 End::Broken
             }
         };
