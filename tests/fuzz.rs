@@ -238,6 +238,7 @@ proptest! {
                 let _ = record.at(u64::MAX / 2, 7);
                 let _ = record.fingerprint();
                 if let Record::Completed(c) = &record {
+                    prop_assert!((100..=999).contains(&c.status), "status {} decoded", c.status);
                     let replay = Replay::from_completed(c);
                     let _ = replay.response(c.stored_at.saturating_add(1));
                 }
@@ -248,8 +249,12 @@ proptest! {
     }
 
     #[test]
-    fn every_completed_record_round_trips(c in completed()) {
+    fn every_completed_record_round_trips_unless_its_status_is_impossible(c in completed()) {
+        let possible = (100..=999).contains(&c.status);
         let record = Record::Completed(Arc::new(c));
-        prop_assert_eq!(Record::decode(&record.encode()).unwrap(), record);
+        match Record::decode(&record.encode()) {
+            Ok(back) => prop_assert!(possible && back == record),
+            Err(_) => prop_assert!(!possible),
+        }
     }
 }

@@ -166,7 +166,16 @@ impl Record {
             Some((v, _)) => return Err(DecodeError(format!("unknown record format {v}"))),
             None => return Err(DecodeError("empty record".into())),
         };
-        postcard::from_bytes(body).map_err(|e| DecodeError(e.to_string()))
+        let record: Record = postcard::from_bytes(body).map_err(|e| DecodeError(e.to_string()))?;
+        // A record that decodes but could never have been written is as
+        // corrupt as one that does not decode: replaying it would answer
+        // something the upstream never said.
+        if let Record::Completed(c) = &record {
+            if !(100..=999).contains(&c.status) {
+                return Err(DecodeError(format!("status {} is not an HTTP status", c.status)));
+            }
+        }
+        Ok(record)
     }
 }
 
