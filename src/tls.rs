@@ -12,7 +12,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{ConfigError, TlsFiles};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider every rustls config of the process uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 

@@ -16,7 +16,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The fixed hop-by-hop names (RFC 9110 §7.6.1 and the legacy ones).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+fn hop_by_hop() -> [&'static HeaderName; 9] {
     [
         &CONNECTION,
         &TE,
@@ -28,7 +28,10 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
     ]
-    .contains(&name)
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop().contains(&name)
 }
 
 /// Removes hop-by-hop headers: the fixed list and every name listed in
@@ -54,19 +57,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in [
-        &CONNECTION,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-    ] {
+    for name in hop_by_hop() {
         headers.remove(name);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
 }
 
 /// Sets `X-Forwarded-For` (appended to any value from a proxy in front),

@@ -84,32 +84,25 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState::default());
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-                    _ = &mut stopped => return,
-                };
-                st.connections.fetch_add(1, Ordering::SeqCst);
-                let st = st.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(st.clone(), req));
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    match tls {
-                        None => {
-                            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-                        }
-                        Some(tls) => {
-                            if let Ok(stream) = tls.accept(tcp).await {
-                                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                            }
+        let stop = accept_until_stopped(listener, move |tcp| {
+            st.connections.fetch_add(1, Ordering::SeqCst);
+            let st = st.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(st.clone(), req));
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                    }
+                    Some(tls) => {
+                        if let Ok(stream) = tls.accept(tcp).await {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                         }
                     }
-                });
-            }
+                }
+            });
         });
         Upstream {
             addr,
@@ -153,6 +146,24 @@ impl Upstream {
             .expect("upstream did not see the expected requests within 10s")
             .unwrap();
     }
+}
+
+/// Accepts connections on `listener` and hands each to `serve` until the
+/// returned sender is dropped (the test upstreams' accept loop).
+pub fn accept_until_stopped(
+    listener: TcpListener,
+    serve: impl Fn(tokio::net::TcpStream) + Send + 'static,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => if let Ok((tcp, _)) = r { serve(tcp) },
+                _ = &mut stopped => return,
+            }
+        }
+    });
+    stop
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {

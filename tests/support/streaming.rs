@@ -67,27 +67,20 @@ impl StreamUpstream {
             released: watch::Sender::new(0),
             sent: watch::Sender::new(0),
         });
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-                    _ = &mut stopped => return,
-                };
-                // Closing with linger 0 sends a TCP RST: a cut stream is a
-                // real reset, not a polite end of file. (Deprecated because a
-                // non-zero linger blocks on drop; zero never does.)
-                #[allow(deprecated)]
-                let _ = tcp.set_linger(Some(Duration::ZERO));
-                let _ = tcp.set_nodelay(true);
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(st.clone(), req));
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
-                });
-            }
+        let stop = super::accept_until_stopped(listener, move |tcp| {
+            // Closing with linger 0 sends a TCP RST: a cut stream is a real
+            // reset, not a polite end of file. (Deprecated because a non-zero
+            // linger blocks on drop; zero never does.)
+            #[allow(deprecated)]
+            let _ = tcp.set_linger(Some(Duration::ZERO));
+            let _ = tcp.set_nodelay(true);
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(st.clone(), req));
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+            });
         });
         StreamUpstream {
             addr,
