@@ -131,7 +131,16 @@ async fn full_disk(sync: &str) {
     // Space is freed: the same process recovers by itself.
     std::fs::remove_file(&filler).unwrap();
     wait_ready(&c, &proxy, StatusCode::OK).await;
-    let retry = c.post_key(&proxy.url("/v1/orders/held?gate=1"), "held", "{}").await;
+    // The deferred finish is redone right after the reopen; until it lands a
+    // retry is still refused (503), never executed. Bounded: 10 s.
+    let start = std::time::Instant::now();
+    let retry = loop {
+        let r = c.post_key(&proxy.url("/v1/orders/held?gate=1"), "held", "{}").await;
+        if r.status != StatusCode::SERVICE_UNAVAILABLE || start.elapsed() > std::time::Duration::from_secs(10) {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(
         retry.replayed(),
         Some("true"),
