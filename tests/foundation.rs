@@ -170,8 +170,11 @@ async fn large_bodies_stream_both_ways_without_buffering() {
          after 50 MiB download {peak_down} KiB, after the same over h2c rss {rss1} KiB / peak {peak1} KiB; \
          peak growth {growth} KiB"
     );
+    // Buffering one body would add 50 MiB. Each serving worker keeps its own
+    // allocator heaps and hyper buffers, so the peak grows 9–13 MiB with two
+    // workers and was seen at 20.4 MiB once: 32 MiB keeps the margin.
     assert!(
-        growth < 20 * 1024,
+        growth < 32 * 1024,
         "the proxy's peak RSS grew by {growth} KiB while streaming 4 x 50 MiB: it buffers bodies"
     );
 }
